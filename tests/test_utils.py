@@ -1,0 +1,152 @@
+"""Schedules, gradient clipping, backbone builder, precision and atomic checkpoints in utils."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import utils
+
+
+def test_cosine_scheduler_values():
+    sched = utils.cosine_scheduler(1.0, 0.1, epochs=3, niter_per_ep=4, warmup_epochs=1, start_warmup_value=0.0)
+    assert len(sched) == 12
+    np.testing.assert_allclose(sched[:4], np.linspace(0, 1, 4))
+    rest = np.arange(8)
+    np.testing.assert_allclose(sched[4:], 0.1 + 0.45 * (1 + np.cos(np.pi * rest / 8)))
+    assert sched[4] == pytest.approx(1.0) and sched[-1] > 0.1
+
+
+def test_cosine_scheduler_without_warmup():
+    sched = utils.cosine_scheduler(0.996, 1.0, epochs=2, niter_per_ep=5)
+    assert sched[0] == pytest.approx(0.996) and np.all(np.diff(sched) > 0) and sched[-1] < 1.0
+
+
+def test_clip_gradients_is_per_parameter():
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), nn.Linear(2, 1, bias=False))
+    model[0].weight.grad = torch.full((2, 3), 10.0)  # norm 24.49 -> clipped to 3
+    model[1].weight.grad = torch.tensor([[0.3, 0.4]])  # norm 0.5 -> unchanged
+    norms = utils.clip_gradients(model, 3.0)
+    assert [float(n) for n in norms] == pytest.approx([math.sqrt(600), 0.5])
+    assert model[0].weight.grad.norm().item() == pytest.approx(3.0, rel=1e-5)
+    torch.testing.assert_close(model[1].weight.grad, torch.tensor([[0.3, 0.4]]))
+
+
+def test_params_groups_exclude_biases_and_norms():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    decayed, not_decayed = utils.get_params_groups(model)
+    assert [p.shape for p in decayed["params"]] == [torch.Size([4, 3])]
+    assert len(not_decayed["params"]) == 3 and not_decayed["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("arch,dim", [("vit_tiny", 192), ("resnet18", 512), ("swin_t", 768), ("timm/resnet18", 512)])
+def test_build_backbone_any_in_chans(arch, dim):
+    model, feat_dim = utils.build_backbone(arch, patch_size=16, in_chans=12)
+    assert feat_dim == dim
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 12, 64, 64)).shape == (2, dim)
+
+
+def test_build_backbone_rejects_unknown_arch():
+    with pytest.raises(ValueError, match="--arch 'vit_huge'"):
+        utils.build_backbone("vit_huge")
+    with pytest.raises(ValueError, match="timm has no model"):
+        utils.build_backbone("timm/not_a_model")
+
+
+def test_multicrop_wrapper_groups_by_size_and_keeps_order():
+    calls = []
+
+    class Recorder(nn.Module):
+        def forward(self, x):
+            calls.append(tuple(x.shape))
+            return x.mean(dim=(2, 3))
+
+    wrapper = utils.MultiCropWrapper(Recorder(), nn.Identity())
+    crops = [torch.full((2, 3, s, s), float(i)) for i, s in enumerate([8, 8, 6, 4])]
+    out = wrapper(crops)
+    assert calls == [(4, 3, 8, 8), (2, 3, 6, 6), (2, 3, 4, 4)]
+    assert out[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_precision_resolution_on_cpu(capsys):
+    class Args:
+        precision = None
+        use_fp16 = True
+
+    assert utils.resolve_precision(Args, "cpu") == "fp32"  # DINO's default fp16 only applies on CUDA
+    Args.precision = "bf16"
+    assert utils.resolve_precision(Args, "cpu") == "bf16"
+    with utils.autocast("bf16", "cpu"):
+        assert (torch.randn(2, 2) @ torch.randn(2, 2)).dtype == torch.bfloat16
+    Args.precision = "fp16"
+    with pytest.raises(SystemExit) as exc:
+        utils.resolve_precision(Args, "cpu")
+    assert exc.value.code == 2 and "--precision fp16 needs a CUDA device" in capsys.readouterr().err
+    assert utils.make_grad_scaler("bf16", "cpu") is None
+
+
+def test_save_checkpoint_is_atomic_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    utils.save_checkpoint({"epoch": 1}, path)
+    utils.save_checkpoint({"epoch": 2}, path)
+    assert torch.load(path)["epoch"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
+KILL_WRITER = """
+import sys, time, torch
+sys.path.insert(0, {repo!r})
+import utils
+orig_save = torch.save
+def slow_save(obj, f):
+    f.write(b"partial bytes of a checkpoint")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+torch.save = slow_save
+utils.save_checkpoint({{"epoch": 99}}, {path!r})
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    utils.save_checkpoint({"epoch": 1, "weights": torch.arange(10)}, path)
+    code = KILL_WRITER.format(repo=str(utils.Path(utils.__file__).parent), path=str(path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"  # the write is under way
+    time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    state = torch.load(path)
+    assert state["epoch"] == 1 and state["weights"].tolist() == list(range(10))
+
+
+def test_restart_from_checkpoint_roundtrip_and_prefix(tmp_path):
+    model = nn.Linear(3, 2)
+    utils.save_checkpoint(
+        {"student": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 4}, tmp_path / "ck.pth"
+    )
+    other = nn.Linear(3, 2)
+    run_vars = {"epoch": 0}
+    assert utils.restart_from_checkpoint(tmp_path / "ck.pth", run_variables=run_vars, student=other)
+    assert run_vars["epoch"] == 4
+    torch.testing.assert_close(other.weight, model.weight)
+    assert not utils.restart_from_checkpoint(tmp_path / "missing.pth", student=other)
+    with pytest.raises(RuntimeError):
+        utils.restart_from_checkpoint(tmp_path / "ck.pth", student=nn.Linear(4, 2))
+
+
+def test_one_line_strips_worker_traceback():
+    err = ValueError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+        "last):\n  File x\ndatasets.DataError: cannot read raster /a/B2.tif: truncated\n"
+    )
+    assert utils.one_line(err) == "cannot read raster /a/B2.tif: truncated"

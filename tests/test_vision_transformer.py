@@ -1,0 +1,111 @@
+"""ViT and DINO head: parameter names of the published checkpoints, SDPA attention, position embeddings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vision_transformer as vits
+
+LOCAL_SIZES = [184, 164, 144, 124, 104, 84]
+
+
+def test_parameter_names_match_dino_checkpoints():
+    keys = set(vits.vit_small(patch_size=8).state_dict())
+    expected = {
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "norm.weight",
+        "norm.bias",
+    }
+    for i in range(12):
+        for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            expected |= {f"blocks.{i}.{part}.weight", f"blocks.{i}.{part}.bias"}
+    assert keys == expected
+    head_keys = set(vits.DINOHead(384, 1000).state_dict())
+    assert head_keys == {
+        "mlp.0.weight",
+        "mlp.0.bias",
+        "mlp.2.weight",
+        "mlp.2.bias",
+        "mlp.4.weight",
+        "mlp.4.bias",
+        "last_layer.weight_g",
+        "last_layer.weight_v",
+    }
+
+
+@pytest.mark.parametrize("arch,dim,heads", [("vit_tiny", 192, 3), ("vit_small", 384, 6), ("vit_base", 768, 12)])
+def test_sizes(arch, dim, heads):
+    model = getattr(vits, arch)(patch_size=16)
+    assert model.embed_dim == dim and model.blocks[0].attn.num_heads == heads and len(model.blocks) == 12
+    assert model.pos_embed.shape == (1, 1 + 14 * 14, dim)
+
+
+def test_sdpa_attention_equals_explicit_softmax():
+    torch.manual_seed(0)
+    attn = vits.Attention(dim=48, num_heads=3).eval()
+    x = torch.randn(2, 10, 48)
+    q, k, v = attn._qkv(x)
+    weights = ((q @ k.transpose(-2, -1)) * (16**-0.5)).softmax(-1)
+    expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 10, 48))
+    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn.attention_map(x), weights)
+
+
+@pytest.fixture(scope="module", params=[8, 16])
+def tiny_vit(request):
+    return vits.vit_tiny(patch_size=request.param).eval()
+
+
+@pytest.mark.parametrize("size", LOCAL_SIZES + [96, 224])
+def test_position_embedding_resampled_for_every_crop_size(tiny_vit, size):
+    grid = size // tiny_vit.patch_size
+    pos = tiny_vit.interpolate_pos_encoding(grid, grid)
+    assert pos.shape == (1, 1 + grid * grid, 192)
+    torch.testing.assert_close(pos[:, 0], tiny_vit.pos_embed[:, 0])  # the CLS position is never resampled
+    with torch.no_grad():
+        tokens = tiny_vit.prepare_tokens(torch.randn(1, 3, size, size))
+    assert tokens.shape == (1, 1 + grid * grid, 192)
+
+
+def test_forward_on_every_local_crop_size(tiny_vit):
+    with torch.no_grad():
+        for size in LOCAL_SIZES:
+            assert tiny_vit(torch.randn(1, 3, size, size)).shape == (1, 192)
+
+
+def test_position_embedding_non_square_matches_bicubic_resize():
+    model = vits.vit_tiny(patch_size=16)
+    pos = model.interpolate_pos_encoding(7, 12)
+    patch_pos = model.pos_embed[:, 1:].reshape(1, 14, 14, 192).permute(0, 3, 1, 2)
+    expected = F.interpolate(patch_pos, size=(7, 12), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(pos[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 84, 192))
+    assert model(torch.randn(1, 3, 112, 192)).shape == (1, 192)
+    assert model.interpolate_pos_encoding(14, 14) is model.pos_embed
+
+
+def test_attention_and_intermediate_layers():
+    model = vits.vit_tiny(patch_size=8, in_chans=12).eval()
+    x = torch.randn(2, 12, 64, 96)
+    attn = model.get_last_selfattention(x)
+    assert attn.shape == (2, 3, 1 + 8 * 12, 1 + 8 * 12)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3, 97))
+    layers = model.get_intermediate_layers(x, n=4)
+    assert len(layers) == 4 and layers[0].shape == (2, 97, 192)
+    torch.testing.assert_close(layers[-1][:, 0], model(x))
+
+
+def test_dino_head_weight_norm_and_frozen_norm():
+    head = vits.DINOHead(32, 50, norm_last_layer=True, hidden_dim=64, bottleneck_dim=16)
+    assert not head.last_layer.weight_g.requires_grad
+    torch.testing.assert_close(head.last_layer.weight_g, torch.ones(50, 1))
+    x = torch.randn(4, 32)
+    bottleneck = F.normalize(head.mlp(x), dim=-1)
+    v = head.last_layer.weight_v
+    expected = bottleneck @ (v / v.norm(dim=1, keepdim=True)).T
+    torch.testing.assert_close(head(x), expected)
+    assert vits.DINOHead(32, 50, norm_last_layer=False).last_layer.weight_g.requires_grad

@@ -1,0 +1,634 @@
+"""The runtime every script shares: distributed set-up, backbones, precision, schedules, logging, checkpoints.
+
+Sections, top to bottom: small helpers; distributed (plain process, torchrun, SLURM); precision; backbones
+and the multi-crop wrapper; optimisation helpers; schedules; logging; checkpoints. DINO's public names
+(``cosine_scheduler``, ``MultiCropWrapper``, ``MetricLogger``, ``restart_from_checkpoint``, ...) are kept so
+that code written against facebookresearch/dino keeps working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import random
+import sys
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import vision_transformer as vits
+
+# ============================================================================================ small helpers
+
+
+def bool_flag(s: str) -> bool:
+    """Parse boolean command-line values the way DINO does (``--use_fp16 false``)."""
+    if s.lower() in {"off", "false", "0"}:
+        return False
+    if s.lower() in {"on", "true", "1"}:
+        return True
+    raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {s!r} (expected true/false)")
+
+
+def fix_random_seeds(seed: int = 31) -> None:
+    """Seed torch, numpy and random; each rank gets its own seed so that augmentations differ across ranks."""
+    seed = seed + get_rank()
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class ConfigError(ValueError):
+    """A bad command-line value or combination of values; scripts report it as one line with exit code 2."""
+
+
+def one_line(err: BaseException) -> str:
+    """The message of an error as one line, also when it was re-raised from a DataLoader worker.
+
+    Worker errors arrive as "Caught DataError in DataLoader worker ... Original Traceback ...": the last
+    line holds the original message, prefixed with the exception's qualified name, which is dropped here.
+    """
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(err).__name__
+    for name in ("datasets.DataError: ", "DataError: ", "ValueError: ", "utils.ConfigError: "):
+        last = last.removeprefix(name)
+    return last
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one clear error line and exit (code 2: bad arguments or bad input data)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+# ============================================================================================ distributed
+
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silence ``print`` on non-master ranks (``print(..., force=True)`` still prints)."""
+    import builtins
+
+    builtin_print = builtins.print
+
+    def print_(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("distributed")
+    group.add_argument(
+        "--dist_url",
+        default="env://",
+        type=str,
+        help="URL used to set up distributed training (env:// under torchrun and SLURM).",
+    )
+    group.add_argument("--local_rank", default=0, type=int, help="Set by old launchers; please ignore.")
+    group.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when available, else CPU."
+    )
+
+
+def _export_slurm_env() -> None:
+    """Under ``srun`` with several tasks, export torchrun-style variables from the SLURM environment.
+
+    submitit computes the master address from the node list, rank, local rank and world size; exporting them
+    as MASTER_ADDR / RANK / ... lets SLURM jobs share the torchrun code path below.
+    """
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def init_distributed_mode(args: argparse.Namespace) -> None:
+    """Set up the process group for a plain process, torchrun, or SLURM, and pick the device.
+
+    Sets ``args.rank``, ``args.world_size``, ``args.gpu`` (local device index), ``args.distributed`` and
+    ``args.device``. A plain ``python script.py`` runs as world size 1 without a process group, so nothing
+    needs a launcher; gloo is used on CPU and NCCL on CUDA.
+    """
+    requested = getattr(args, "device", "auto")
+    if requested == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for, but torch sees no CUDA device")
+    use_cuda = torch.cuda.is_available() and requested != "cpu"
+
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        _export_slurm_env()
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+
+    args.distributed = args.world_size > 1
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    else:
+        args.device = "cpu"
+    if args.distributed:
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(
+            backend=backend, init_method=getattr(args, "dist_url", "env://"), world_size=args.world_size, rank=args.rank
+        )
+        print(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}): {args.dist_url}", flush=True)
+        dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+# ============================================================================================ precision
+
+
+def add_precision_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("precision")
+    group.add_argument(
+        "--precision",
+        default=None,
+        choices=["fp32", "fp16", "bf16"],
+        help="Training precision. fp16 = CUDA autocast with a GradScaler; bf16 = autocast on CPU "
+        "or CUDA. Default: fp16 on CUDA when --use_fp16 is true (DINO's default), else fp32.",
+    )
+    group.add_argument(
+        "--use_fp16",
+        default=True,
+        type=bool_flag,
+        help="DINO's flag, kept as an alias: true = --precision fp16 on CUDA.",
+    )
+
+
+def resolve_precision(args: argparse.Namespace, device: str | torch.device) -> str:
+    """The precision to run at: --precision if given, else DINO's --use_fp16 (which only applies on CUDA)."""
+    on_cuda = torch.device(device).type == "cuda"
+    if args.precision is None:
+        return "fp16" if (args.use_fp16 and on_cuda) else "fp32"
+    if args.precision == "fp16" and not on_cuda:
+        fail("--precision fp16 needs a CUDA device; on CPU use --precision bf16 or fp32")
+    return args.precision
+
+
+def autocast(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
+    """Autocast context for the precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def make_grad_scaler(precision: str, device: str | torch.device) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 (bf16 has fp32's range and needs none)."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
+# ============================================================================================ backbones
+
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "wide_resnet50_2", "swin_t")
+VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
+
+
+def _adapt_first_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
+    """A copy of the stem convolution that takes ``in_chans`` channels (same kernel, stride, padding)."""
+    return nn.Conv2d(
+        in_chans,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        bias=conv.bias is not None,
+    )
+
+
+def _build_torchvision(arch: str, in_chans: int) -> tuple[nn.Module, int]:
+    import torchvision.models as tvm
+
+    model = getattr(tvm, arch)(weights=None)
+    if arch == "swin_t":
+        feat_dim = model.head.in_features
+        model.head = nn.Identity()
+        if in_chans != 3:
+            model.features[0][0] = _adapt_first_conv(model.features[0][0], in_chans)
+    else:
+        feat_dim = model.fc.in_features
+        model.fc = nn.Identity()
+        if in_chans != 3:
+            model.conv1 = _adapt_first_conv(model.conv1, in_chans)
+    return model, feat_dim
+
+
+def _build_timm(name: str, in_chans: int, drop_path_rate: float) -> tuple[nn.Module, int]:
+    import timm
+
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "in_chans": in_chans}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    try:  # timm ViTs need this to accept the multi-crop sizes; other models do not know the argument
+        model = timm.create_model(name, dynamic_img_size=True, **kwargs)
+    except TypeError:
+        model = timm.create_model(name, **kwargs)
+    return model, model.num_features
+
+
+def build_backbone(
+    arch: str, patch_size: int = 16, in_chans: int = 3, drop_path_rate: float = 0.0
+) -> tuple[nn.Module, int]:
+    """Build a backbone that maps (B, in_chans, H, W) to a (B, feat_dim) feature; return (model, feat_dim).
+
+    ``vit_tiny|vit_small|vit_base`` (DINO's ViT, ``patch_size`` 8 or 16), torchvision ``resnet18|resnet34|
+    resnet50|wide_resnet50_2|swin_t`` (classifier replaced by Identity: the pooled feature), or any timm
+    model as ``timm/<name>``. Raises ValueError naming the flag for an unknown architecture.
+    """
+    arch = arch.replace("deit", "vit")  # DINO's alias
+    if arch in VIT_ARCHS:
+        model = getattr(vits, arch)(patch_size=patch_size, in_chans=in_chans, drop_path_rate=drop_path_rate)
+        return model, model.embed_dim
+    if arch in TORCHVISION_ARCHS:
+        return _build_torchvision(arch, in_chans)
+    if arch.startswith("timm/"):
+        import timm
+
+        name = arch.split("/", 1)[1]
+        if not timm.is_model(name):
+            raise ValueError(f"--arch {arch}: timm has no model named {name!r}")
+        return _build_timm(name, in_chans, drop_path_rate)
+    choices = ", ".join(VIT_ARCHS + TORCHVISION_ARCHS)
+    raise ValueError(f"--arch {arch!r} is not supported; expected one of {choices} or timm/<model name>")
+
+
+def is_vit(model: nn.Module) -> bool:
+    return isinstance(model, vits.VisionTransformer)
+
+
+class MultiCropWrapper(nn.Module):
+    """Run the backbone on a list of crops, grouped by resolution, then the head once on all features.
+
+    Consecutive crops of equal size are concatenated into one backbone pass (DINO's scheme); the features
+    come back in crop order, so the output is (n_crops * B, out_dim) with crop i at rows [i*B, (i+1)*B).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        backbone.fc, backbone.head = nn.Identity(), nn.Identity()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        if not isinstance(x, (list, tuple)):
+            x = [x]
+        features = []
+        start = 0
+        while start < len(x):
+            end = start + 1
+            while end < len(x) and x[end].shape[-2:] == x[start].shape[-2:]:
+                end += 1
+            out = self.backbone(torch.cat(x[start:end]))
+            features.append(out[0] if isinstance(out, tuple) else out)
+            start = end
+        return self.head(torch.cat(features))
+
+
+def has_batchnorms(model: nn.Module) -> bool:
+    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    return any(isinstance(m, bn_types) for m in model.modules())
+
+
+# ============================================================================================ optimisation
+
+
+def get_params_groups(model: nn.Module) -> list[dict]:
+    """Two groups: weights (decayed) and biases / norm parameters (ndim <= 1, never decayed), as DINO."""
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or len(param.shape) == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+def clip_gradients(model: nn.Module, clip: float) -> list[torch.Tensor]:
+    """Clip each parameter's gradient to norm ``clip`` separately (DINO's per-parameter clipping).
+
+    One foreach norm and one foreach multiply over all gradients instead of a Python loop per parameter;
+    returns the norms before clipping as tensors (DINO returns floats, which would sync the device per step).
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return []
+    norms = torch._foreach_norm(grads, 2)
+    scales = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, scales)
+    return norms
+
+
+def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
+    """Drop the prototypes' gradients during the first ``freeze_last_layer`` epochs (DINO's trick)."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (SGD + momentum + layer-wise trust ratio) as in DINO; biases / norms are excluded from adaptation."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0,
+        weight_decay: float = 0,
+        momentum: float = 0.9,
+        eta: float = 0.001,
+        weight_decay_filter=None,
+        lars_adaptation_filter=None,
+    ):
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            eta=eta,
+            weight_decay_filter=weight_decay_filter,
+            lars_adaptation_filter=lars_adaptation_filter,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm = torch.norm(p)
+                    update_norm = torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(
+                        param_norm > 0.0, torch.where(update_norm > 0, (g["eta"] * param_norm / update_norm), one), one
+                    )
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def build_optimizer(name: str, params_groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW (foreach: one fused kernel launch per group rather than one per parameter), SGD or LARS."""
+    if name == "adamw":
+        return torch.optim.AdamW(params_groups, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(params_groups, lr=0, momentum=0.9, foreach=True)
+    if name == "lars":
+        return LARS(params_groups)
+    raise ValueError(f"--optimizer {name!r}: expected adamw, sgd or lars")
+
+
+# ============================================================================================ schedules
+
+
+def cosine_scheduler(
+    base_value: float,
+    final_value: float,
+    epochs: int,
+    niter_per_ep: int,
+    warmup_epochs: int = 0,
+    start_warmup_value: float = 0,
+) -> np.ndarray:
+    """Per-iteration values: linear warm-up to ``base_value``, then cosine decay to ``final_value`` (DINO)."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_epochs > 0 else np.array([])
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    schedule = np.concatenate((warmup_schedule, schedule))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
+
+
+# ============================================================================================ logging
+
+
+class SmoothedValue:
+    """Track a series of values; give smoothed values over a window and the global average."""
+
+    def __init__(self, window_size: int = 20, fmt: str | None = None):
+        self.deque: deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.6f} ({global_avg:.6f})"
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self) -> None:
+        """Sum count and total over ranks (the window stays local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor(
+            [self.count, self.total], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu"
+        )
+        dist.barrier()
+        dist.all_reduce(t)
+        self.count = int(t[0].item())
+        self.total = t[1].item()
+
+    @property
+    def median(self) -> float:
+        return torch.tensor(list(self.deque)).median().item()
+
+    @property
+    def avg(self) -> float:
+        return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self) -> float:
+        return max(self.deque)
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1]
+
+    def __str__(self) -> str:
+        return self.fmt.format(
+            median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max, value=self.value
+        )
+
+
+class MetricLogger:
+    """DINO's metric logger: ``log_every`` yields the items and prints a line with ETA every ``print_freq``."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs) -> None:
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            self.meters[k].update(float(v))
+
+    def __getattr__(self, attr: str):
+        if attr in self.__dict__.get("meters", {}):
+            return self.meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "") -> Iterator:
+        start_time = time.time()
+        end = time.time()
+        iter_time = SmoothedValue(fmt="{avg:.6f}")
+        data_time = SmoothedValue(fmt="{avg:.6f}")
+        total = len(iterable)  # type: ignore[arg-type]
+        space_fmt = ":" + str(len(str(total))) + "d"
+        parts = [header, "[{0" + space_fmt + "}/{1}]", "eta: {eta}", "{meters}", "time: {time}", "data: {data}"]
+        if torch.cuda.is_available():
+            parts.append("max mem: {memory:.0f}")
+        log_msg = self.delimiter.join(parts)
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta_string = str(datetime.timedelta(seconds=int(iter_time.global_avg * (total - i))))
+                fields = dict(eta=eta_string, meters=str(self), time=str(iter_time), data=str(data_time))
+                if torch.cuda.is_available():
+                    fields["memory"] = torch.cuda.max_memory_allocated() / 1024.0**2
+                print(log_msg.format(i, total, **fields), flush=True)
+            end = time.time()
+        total_time = time.time() - start_time
+        total_time_str = str(datetime.timedelta(seconds=int(total_time)))
+        print(f"{header} Total time: {total_time_str} ({total_time / max(total, 1):.6f} s / it)", flush=True)
+
+
+# ============================================================================================ checkpoints
+
+
+def save_checkpoint(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` with torch.save atomically: a temporary file in the same folder, fsync, then rename.
+
+    A crash or a kill at any moment leaves either the previous file or the new one, never a truncated mix,
+    because ``os.replace`` within one file system is atomic.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_on_master(obj: Any, path: str | Path) -> None:
+    if is_main_process():
+        save_checkpoint(obj, path)
+
+
+def get_rng_state() -> dict:
+    """All random generators that shape a run (python, numpy, torch CPU and CUDA), for exact resumption."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restart_from_checkpoint(ckp_path: str | Path, run_variables: dict | None = None, **kwargs) -> bool:
+    """Load the objects in ``kwargs`` (model, optimizer, scaler, loss) from a checkpoint, if it exists.
+
+    DINO's function, made strict: a model whose keys do not match is an error rather than a printed note,
+    since resuming into a different architecture silently would waste a run. ``module.`` prefixes
+    (checkpoints saved from DDP) are matched either way. Returns whether a checkpoint was found.
+    """
+    if not os.path.isfile(ckp_path):
+        return False
+    print(f"Found checkpoint at {ckp_path}")
+    checkpoint = torch.load(ckp_path, map_location="cpu", weights_only=False)
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        if key not in checkpoint:
+            raise KeyError(f"checkpoint {ckp_path} has no '{key}' entry to resume from")
+        state = checkpoint[key]
+        if isinstance(value, nn.Module):
+            state = _match_module_prefix(state, value.state_dict())
+        value.load_state_dict(state)
+        print(f"=> loaded '{key}' from checkpoint '{ckp_path}'")
+    if run_variables is not None:
+        for var_name in run_variables:
+            if var_name in checkpoint:
+                run_variables[var_name] = checkpoint[var_name]
+    return True
+
+
+def _match_module_prefix(state: dict, target: dict) -> dict:
+    """Add or strip DDP's ``module.`` prefix so that ``state`` uses the same key style as ``target``."""
+    target_prefixed = next(iter(target), "").startswith("module.")
+    state_prefixed = next(iter(state), "").startswith("module.")
+    if state_prefixed and not target_prefixed:
+        return {k.removeprefix("module."): v for k, v in state.items()}
+    if target_prefixed and not state_prefixed:
+        return {f"module.{k}": v for k, v in state.items()}
+    return state

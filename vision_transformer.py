@@ -1,0 +1,270 @@
+"""Vision Transformer and DINO projection head, with DINO's parameter names.
+
+The module layout and the parameter names are exactly those of facebookresearch/dino (and therefore of the
+published DINO-MC checkpoints): ``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N.{norm1, attn.qkv,
+attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``; ``head.mlp.{0,2,4}`` and ``head.last_layer.weight_{g,v}``.
+Differences from the original code, none of which changes the maths or the checkpoint format:
+
+- attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
+  kernels where the device has them) instead of an explicit softmax(QK^T) matrix;
+- position embeddings are resampled with timm's ``resample_abs_pos_embed`` to the exact patch grid of any
+  input, square or not, instead of DINO's ``scale_factor`` with a +0.1 float offset;
+- any number of input channels (``in_chans``), for multispectral Sentinel-2 input.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self._qkv(x)
+        dropout = self.attn_drop if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The softmax attention matrix (B, heads, N, N); SDPA does not expose it, so it is computed here."""
+        q, k, _ = self._qkv(x)
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer=nn.LayerNorm,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask=attn_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch embedding: a strided convolution, the patch grid flattened into a token sequence."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """DINO's ViT: pre-norm blocks, CLS token output after the final LayerNorm."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_layer=None,
+    ):
+        super().__init__()
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        self.num_features = self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay rule
+        self.blocks = nn.ModuleList(
+            [
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], norm_layer)
+                for i in range(depth)
+            ]
+        )
+        self.norm = norm_layer(embed_dim)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def interpolate_pos_encoding(self, h_patches: int, w_patches: int) -> torch.Tensor:
+        """Position embeddings for an h x w patch grid (bicubic, as DINO, but to the exact grid size)."""
+        old = int(math.sqrt(self.pos_embed.shape[1] - 1))
+        if (h_patches, w_patches) == (old, old):
+            return self.pos_embed
+        # antialias=False matches DINO's F.interpolate, so published checkpoints give the same features.
+        return resample_abs_pos_embed(
+            self.pos_embed,
+            new_size=(h_patches, w_patches),
+            old_size=(old, old),
+            num_prefix_tokens=1,
+            interpolation="bicubic",
+            antialias=False,
+        )
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens + CLS + position embeddings. Sizes that are not a multiple of the patch size (DINO-MC's
+        164 px crops with patch 8 or 16) lose their last partial row/column of pixels, as in DINO's convolution."""
+        B, _, H, W = x.shape
+        tokens = self.patch_embed(x)
+        tokens = torch.cat((self.cls_token.expand(B, -1, -1), tokens), dim=1)
+        tokens = tokens + self.interpolate_pos_encoding(H // self.patch_size, W // self.patch_size)
+        return self.pos_drop(tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[:, 0]
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention matrix of the last block, (B, heads, 1 + N, 1 + N); row 0 is the CLS token's attention."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.blocks[-1].attn.attention_map(self.blocks[-1].norm1(x))
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """Normalised token outputs (B, 1 + N, D) of the last ``n`` blocks (DINO's linear-probe features)."""
+        x = self.prepare_tokens(x)
+        output = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if len(self.blocks) - i <= n:
+                output.append(self.norm(x))
+        return output
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
+def vit_tiny(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4, **kwargs)
+
+
+def vit_small(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, **kwargs)
+
+
+def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, **kwargs)
+
+
+class WeightNormLinear(nn.Module):
+    """``nn.utils.weight_norm(nn.Linear(in, out, bias=False))`` written out.
+
+    DINO checkpoints store the last layer as ``weight_g`` (out, 1) and ``weight_v`` (out, in). Writing the
+    reparametrisation here keeps those names on every torch version (the old ``weight_norm`` hook is
+    deprecated; its replacement stores different keys), and keeps the maths: W = g * v / ||v|| per row.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+        return F.linear(x, weight)
+
+
+class DINOHead(nn.Module):
+    """MLP -> L2-normalised bottleneck -> weight-normalised prototypes, as in DINO."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+        nlayers: int = 3,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+    ):
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim)]
+            if use_bn:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.GELU())
+            for _ in range(nlayers - 2):
+                layers.append(nn.Linear(hidden_dim, hidden_dim))
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(hidden_dim))
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        self.apply(_init_weights)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        # nn.Linear's default init for the prototypes, as DINO gets it before weight_norm wraps the layer.
+        nn.init.kaiming_uniform_(self.last_layer.weight_v, a=math.sqrt(5))
+        if norm_last_layer:
+            self.last_layer.weight_g.requires_grad = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, p=2)
+        return self.last_layer(x)
