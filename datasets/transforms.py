@@ -1,0 +1,307 @@
+"""Multi-crop augmentation of DINO, DINO-MC and DINO-TP, on tensors of any number of bands.
+
+The crops, scales and probabilities per ``--data_mode`` follow the published code exactly (see METHOD.md):
+
+- ``dino``: 2 global crops (``global_size``, ``global_crops_scale``; DINO uses (0.4, 1)) + ``local_crops_number``
+  local crops of 96 px (``local_crops_scale``); ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2;
+  blur p 1.0 on global 1, blur p 0.1 + solarize p 0.2 on global 2, blur p 0.5 on the locals.
+- ``mc``: the same 2 global crops; local crop i has size ``size_crops[i]`` (fewer crops than sizes: the smallest
+  sizes), scale ``local_crops_scale``, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale p 0.2, blur p 0.5.
+- ``tp``: input [t0, t1, t2] (three acquisitions); aug = ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8 + grayscale p 0.2
+  + blur p 0.5 + flip, applied to the whole image; 3 global crops of aug(t1), t2, aug(t0); the local crops are
+  the multi-size crops of the raw t0, with no colour augmentation.
+
+All crops are bicubic RandomResizedCrop (ratio 3/4..4/3), flips have p 0.5, blur sigma is uniform in
+[0.1, 2.0], solarize inverts values >= 128 (of 255).
+
+Why tensors and not PIL: Sentinel-2 input has up to 12 bands, which PIL cannot hold, and it is faster: each
+crop cuts its region out of the uint8 tensor first and resizes only that region (antialiased), then is
+converted to float once.
+
+Why some operations are RGB-only: saturation, hue, grayscale and solarize are defined on a true-colour image
+(hue is an angle in RGB space, grayscale a weighted sum of R, G, B). They are applied only when the bands are
+exactly B4, B3, B2. Any other band selection gets, instead of the colour jitter, an independent random
+brightness and contrast factor per band (same strengths as the mode's brightness / contrast), which mimics
+the band-to-band variation of illumination and atmosphere; blur and flips are band-agnostic and kept.
+
+Normalisation at the end: RGB -> ImageNet mean/std of values / 255; other bands -> per-band
+``bands.SECO_MS_MEAN_STD`` (in SeCo's 0..255 uint8 units).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torchvision.transforms.v2.functional as F
+from torchvision import transforms as tv_transforms
+from torchvision.transforms import v2
+
+from datasets.bands import IMAGENET_MEAN, IMAGENET_STD, SECO_MS_MEAN_STD, is_rgb, parse_bands
+
+DATA_MODES: tuple[str, ...] = ("dino", "mc", "tp")
+GLOBAL_CROPS_NUMBER: dict[str, int] = {"dino": 2, "mc": 2, "tp": 3}
+DINO_LOCAL_SIZE = 96
+BICUBIC = v2.InterpolationMode.BICUBIC
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+BLUR_SIGMA = (0.1, 2.0)
+SOLARIZE_THRESHOLD = 128.0 / 255.0
+
+# (brightness, contrast, saturation, hue) of the ColorJitter of each family of crops.
+DINO_JITTER = (0.4, 0.4, 0.2, 0.1)
+MC_LOCAL_JITTER = (0.8, 0.8, 0.8, 0.2)
+TP_JITTER = (0.4, 0.4, 0.4, 0.1)
+
+
+class Normalize:
+    """Per-band normalisation of values in [0, ``max_value``]: ImageNet statistics for RGB, SeCo's for other bands.
+
+    ``max_value=255`` for uint8 images as read; the multi-crop pipeline works in [0, 1] and uses ``max_value=1``.
+    """
+
+    def __init__(self, bands: Sequence[str], max_value: float = 255.0):
+        bands = list(bands)
+        if is_rgb(bands):
+            mean = [m * max_value for m in IMAGENET_MEAN]
+            std = [s * max_value for s in IMAGENET_STD]
+        else:
+            unknown = [b for b in bands if b not in SECO_MS_MEAN_STD]
+            if unknown:
+                raise ValueError(f"no normalisation statistics for band(s) {','.join(unknown)}")
+            mean = [SECO_MS_MEAN_STD[b][0] * max_value / 255.0 for b in bands]
+            std = [SECO_MS_MEAN_STD[b][1] * max_value / 255.0 for b in bands]
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return (image.float() - self.mean) / self.std
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+def check_scale(scale: Sequence[float], flag: str) -> tuple[float, float]:
+    """Validate a (min, max) crop-scale pair: two numbers with 0 < min <= max <= 1."""
+    if len(scale) != 2:
+        raise ValueError(f"{flag} takes two numbers (min max), got {list(scale)}")
+    lo, hi = float(scale[0]), float(scale[1])
+    if not (0.0 < lo <= hi <= 1.0):
+        raise ValueError(f"{flag} {lo} {hi}: expected 0 < min <= max <= 1")
+    return lo, hi
+
+
+def _rand() -> float:
+    return float(torch.rand(()))
+
+
+def _random_blur(image: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur with sigma uniform in [0.1, 2.0] and a kernel wide enough for it (+-3 sigma)."""
+    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * _rand()
+    kernel = 2 * math.ceil(3.0 * sigma) + 1
+    return F.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+
+
+def _band_jitter(image: torch.Tensor, brightness: float, contrast: float) -> torch.Tensor:
+    """Independent brightness and contrast factors per band, for inputs without a colour space."""
+    bands = image.shape[0]
+    gain = torch.empty(bands, 1, 1).uniform_(max(0.0, 1.0 - brightness), 1.0 + brightness)
+    stretch = torch.empty(bands, 1, 1).uniform_(max(0.0, 1.0 - contrast), 1.0 + contrast)
+    image = image * gain
+    mean = image.mean(dim=(1, 2), keepdim=True)
+    return ((image - mean) * stretch + mean).clamp_(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ColourAugment:
+    """Photometric augmentations of one crop family (probabilities; ``jitter`` None = no colour jitter)."""
+
+    jitter: tuple[float, float, float, float] | None = None
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+    flip_p: float = 0.0
+
+
+NO_AUGMENT = ColourAugment(gray_p=0.0)
+
+
+@dataclass(frozen=True)
+class CropView:
+    """One output crop: its size, its RandomResizedCrop scale range and its augmentations."""
+
+    size: int
+    scale: tuple[float, float]
+    augment: ColourAugment
+
+
+class MultiCropAugmentation:
+    """``[image]`` (dino/mc) or ``[t0, t1, t2]`` (tp) of uint8 C x H x W tensors -> list of normalised crops.
+
+    The list holds ``n_global`` global crops then ``n_local`` local crops; ``crop_sizes`` and ``crop_scales``
+    give the size and scale range of each position, in order.
+    """
+
+    def __init__(
+        self,
+        data_mode: str,
+        bands: Sequence[str] | str | None,
+        global_crops_scale: Sequence[float] = (0.32, 1.0),
+        local_crops_scale: Sequence[float] = (0.05, 0.32),
+        local_crops_number: int = 6,
+        size_crops: Sequence[int] = (184, 164, 144, 124, 104, 84),
+        global_size: int = 224,
+        global_crops_number: int | None = None,
+    ):
+        if data_mode not in DATA_MODES:
+            raise ValueError(f"--data_mode {data_mode!r} is not one of {', '.join(DATA_MODES)}")
+        expected_globals = GLOBAL_CROPS_NUMBER[data_mode]
+        if global_crops_number is not None and global_crops_number != expected_globals:
+            raise ValueError(
+                f"--global_crops_number {global_crops_number} does not fit --data_mode {data_mode}, "
+                f"which makes {expected_globals} global crops"
+            )
+        if local_crops_number < 0:
+            raise ValueError(f"--local_crops_number must be >= 0, got {local_crops_number}")
+        if global_size <= 0 or any(s <= 0 for s in size_crops):
+            raise ValueError(
+                f"crop sizes must be positive, got global {global_size} and --size_crops {list(size_crops)}"
+            )
+        self.data_mode = data_mode
+        self.bands = parse_bands(bands)
+        self.rgb = is_rgb(self.bands)
+        self.global_crops_scale = check_scale(global_crops_scale, "--global_crops_scale")
+        self.local_crops_scale = check_scale(local_crops_scale, "--local_crops_scale")
+        self.normalize = Normalize(self.bands, max_value=1.0)
+
+        if data_mode == "dino":
+            local_sizes = [DINO_LOCAL_SIZE] * local_crops_number
+        else:
+            local_sizes = self._smallest_sizes(list(size_crops), local_crops_number)
+
+        if data_mode == "tp":
+            self.tp_augment = ColourAugment(jitter=TP_JITTER, blur_p=0.5, flip_p=0.5)
+            global_augments = [NO_AUGMENT] * 3
+            local_augment = NO_AUGMENT
+        else:
+            global_augments = [
+                ColourAugment(jitter=DINO_JITTER, blur_p=1.0, flip_p=0.5),
+                ColourAugment(jitter=DINO_JITTER, blur_p=0.1, solarize_p=0.2, flip_p=0.5),
+            ]
+            local_jitter = DINO_JITTER if data_mode == "dino" else MC_LOCAL_JITTER
+            local_augment = ColourAugment(jitter=local_jitter, blur_p=0.5, flip_p=0.5)
+        self.views = [CropView(global_size, self.global_crops_scale, a) for a in global_augments]
+        self.views += [CropView(size, self.local_crops_scale, local_augment) for size in local_sizes]
+        self.n_global = len(global_augments)
+        self.n_local = len(local_sizes)
+        self.crop_sizes = [v.size for v in self.views]
+        self.crop_scales = [v.scale for v in self.views]
+        self._jitters = {
+            j: v2.ColorJitter(brightness=j[0], contrast=j[1], saturation=j[2], hue=j[3])
+            for j in (DINO_JITTER, MC_LOCAL_JITTER, TP_JITTER)
+        }
+
+    @staticmethod
+    def _smallest_sizes(size_crops: list[int], number: int) -> list[int]:
+        """The ``number`` smallest of ``size_crops``, kept in the order given (published: crop i has size i)."""
+        if number > len(size_crops):
+            raise ValueError(
+                f"--local_crops_number {number} needs at least {number} sizes in --size_crops, got {size_crops}"
+            )
+        keep = sorted(sorted(range(len(size_crops)), key=lambda i: size_crops[i])[:number])
+        return [size_crops[i] for i in keep]
+
+    def _colour(self, image: torch.Tensor, augment: ColourAugment) -> torch.Tensor:
+        """Photometric part of ``augment`` on a float [0, 1] image (RGB-only operations only for RGB)."""
+        if augment.flip_p and _rand() < augment.flip_p:
+            image = image.flip(-1)
+        if augment.jitter is not None and _rand() < augment.jitter_p:
+            if self.rgb:
+                image = self._jitters[augment.jitter](image)
+            else:
+                image = _band_jitter(image, augment.jitter[0], augment.jitter[1])
+        if self.rgb and augment.gray_p and _rand() < augment.gray_p:
+            image = F.rgb_to_grayscale(image, num_output_channels=3)
+        if augment.blur_p and _rand() < augment.blur_p:
+            image = _random_blur(image)
+        if self.rgb and augment.solarize_p and _rand() < augment.solarize_p:
+            image = F.solarize(image, SOLARIZE_THRESHOLD)
+        return image
+
+    def _crop(self, image: torch.Tensor, view: CropView) -> torch.Tensor:
+        """Cut a random region (scale ``view.scale`` of the area) and resize only it to ``view.size``, as float."""
+        top, left, height, width = tv_transforms.RandomResizedCrop.get_params(image, list(view.scale), CROP_RATIO)
+        crop = F.resized_crop(image, top, left, height, width, [view.size, view.size], BICUBIC, antialias=True)
+        if crop.dtype == torch.uint8:
+            return crop.float().div_(255.0)
+        return crop.clamp_(0.0, 1.0)
+
+    def _view(self, image: torch.Tensor, view: CropView) -> torch.Tensor:
+        return self.normalize(self._colour(self._crop(image, view), view.augment))
+
+    def _check(self, images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        images = [images] if isinstance(images, torch.Tensor) else list(images)
+        expected = 3 if self.data_mode == "tp" else 1
+        if len(images) != expected:
+            raise ValueError(f"--data_mode {self.data_mode} augments {expected} image(s) per sample, got {len(images)}")
+        for image in images:
+            if image.ndim != 3 or image.shape[0] != len(self.bands):
+                raise ValueError(
+                    f"expected a {len(self.bands)} x H x W image for bands {','.join(self.bands)}, "
+                    f"got shape {tuple(image.shape)}"
+                )
+        return images
+
+    def __call__(self, images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        images = self._check(images)
+        if self.data_mode != "tp":
+            return [self._view(images[0], view) for view in self.views]
+        t0, t1, t2 = images
+        sources = [self._whole_image_augment(t1), t2, self._whole_image_augment(t0)] + [t0] * self.n_local
+        return [self._view(source, view) for source, view in zip(sources, self.views)]
+
+    def _whole_image_augment(self, image: torch.Tensor) -> torch.Tensor:
+        """DINO-TP's aug(): colour-augment and flip a whole acquisition before it is cropped."""
+        return self._colour(image.float().div_(255.0), self.tp_augment)
+
+    def __repr__(self) -> str:
+        return (
+            f"MultiCropAugmentation(mode={self.data_mode}, bands={','.join(self.bands)}, "
+            f"crop_sizes={self.crop_sizes}, crop_scales={self.crop_scales})"
+        )
+
+
+def eval_transform(
+    bands: Sequence[str] | str | None, resize: int = 256, crop: int = 224, normalize: Callable | None = None
+) -> v2.Compose:
+    """Evaluation preprocessing: Resize(shorter side ``resize``, bicubic) + CenterCrop(``crop``) + normalisation.
+
+    Input: a uint8 C x H x W tensor, or 16-bit values as float32. ``normalize`` receives the cropped tensor
+    (dtype as given) and returns a float tensor; the default, :class:`Normalize`, expects SeCo-scale 0..255
+    values, so 16-bit products (BigEarthNet, EuroSAT-MS) pass their own.
+    """
+    return v2.Compose(
+        [
+            v2.Resize(resize, interpolation=BICUBIC, antialias=True),
+            v2.CenterCrop(crop),
+            normalize if normalize is not None else Normalize(parse_bands(bands)),
+        ]
+    )
+
+
+def train_transform(
+    bands: Sequence[str] | str | None,
+    size: int = 224,
+    scale: Sequence[float] = (0.08, 1.0),
+    normalize: Callable | None = None,
+) -> v2.Compose:
+    """Supervised training preprocessing: RandomResizedCrop(``size``, bicubic) + horizontal flip + normalisation."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=check_scale(scale, "scale"), interpolation=BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(),
+            normalize if normalize is not None else Normalize(parse_bands(bands)),
+        ]
+    )

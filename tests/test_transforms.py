@@ -1,0 +1,189 @@
+"""Multi-crop augmentation per mode (counts, sizes, scales, RGB-only operations) and the evaluation transforms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as F
+from torchvision import transforms as tv_transforms
+
+from datasets.bands import IMAGENET_MEAN, IMAGENET_STD, RGB_BANDS, S2_BANDS, SECO_MS_MEAN_STD
+from datasets.demo import Scene, render_rgb, to_uint8
+from datasets.transforms import MultiCropAugmentation, Normalize, eval_transform, train_transform
+
+MC_SIZES = [184, 164, 144, 124, 104, 84]
+
+
+@pytest.fixture(scope="module")
+def scene_images() -> dict[str, torch.Tensor]:
+    """A realistic 12-band uint8 acquisition (and its stretched RGB) from the demo generator."""
+    reflectance = Scene("mixed", 132, np.random.default_rng(1)).render(200)
+    return {
+        "ms": torch.from_numpy(to_uint8(reflectance)),
+        "rgb": torch.from_numpy(np.ascontiguousarray(render_rgb(reflectance).transpose(2, 0, 1))),
+    }
+
+
+def _constant(value: int, bands: int = 3, size: int = 40) -> torch.Tensor:
+    return torch.full((bands, size, size), value, dtype=torch.uint8)
+
+
+def test_dino_mode_crops():
+    aug = MultiCropAugmentation(
+        "dino", None, global_crops_scale=(0.4, 1), local_crops_scale=(0.05, 0.4), local_crops_number=8
+    )
+    assert (aug.n_global, aug.n_local) == (2, 8)
+    assert aug.crop_sizes == [224, 224] + [96] * 8
+    assert aug.crop_scales == [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 8
+    crops = aug([_constant(100, size=120)])
+    assert [c.shape[-1] for c in crops] == aug.crop_sizes and all(c.dtype == torch.float32 for c in crops)
+
+
+def test_mc_mode_crops_one_per_size():
+    aug = MultiCropAugmentation("mc", "RGB")
+    assert (aug.n_global, aug.n_local) == (2, 6)
+    assert aug.crop_sizes == [224, 224] + MC_SIZES
+    assert aug.crop_scales == [(0.32, 1.0)] * 2 + [(0.05, 0.32)] * 6
+    crops = aug(_constant(100, size=120))
+    assert [tuple(c.shape) for c in crops] == [(3, s, s) for s in aug.crop_sizes]
+
+
+def test_mc_fewer_locals_use_the_smallest_sizes_and_more_is_an_error():
+    assert MultiCropAugmentation("mc", None, local_crops_number=4).crop_sizes == [224, 224, 144, 124, 104, 84]
+    assert MultiCropAugmentation("mc", None, local_crops_number=2, size_crops=[84, 200, 96]).crop_sizes[2:] == [84, 96]
+    with pytest.raises(ValueError, match="--local_crops_number 7 needs at least 7 sizes in --size_crops"):
+        MultiCropAugmentation("mc", None, local_crops_number=7)
+
+
+def test_tp_mode_three_globals_and_wiring():
+    aug = MultiCropAugmentation("tp", None)
+    assert (aug.n_global, aug.n_local) == (3, 6)
+    assert aug.crop_sizes == [224] * 3 + MC_SIZES
+    t0, t1, t2 = _constant(30), _constant(120), _constant(220)
+    normalize = Normalize(RGB_BANDS)
+    for _ in range(5):
+        crops = aug([t0, t1, t2])
+        assert len(crops) == 9
+        # Global 2 is the raw t2; the locals are raw t0 with no colour augmentation.
+        torch.testing.assert_close(crops[1], normalize(_constant(220, size=224)))
+        for crop, size in zip(crops[3:], MC_SIZES):
+            torch.testing.assert_close(crop, normalize(_constant(30, size=size)))
+    with pytest.raises(ValueError, match="3 image"):
+        aug([t0])
+
+
+def test_crops_are_drawn_with_each_views_scale(monkeypatch):
+    drawn = []
+    original = tv_transforms.RandomResizedCrop.get_params
+
+    def spy(image, scale, ratio):
+        drawn.append(tuple(scale))
+        return original(image, scale, ratio)
+
+    monkeypatch.setattr(tv_transforms.RandomResizedCrop, "get_params", staticmethod(spy))
+    aug = MultiCropAugmentation("mc", None, global_crops_scale=(0.5, 0.9), local_crops_scale=(0.1, 0.2))
+    aug(_constant(50, size=100))
+    assert drawn == [(0.5, 0.9)] * 2 + [(0.1, 0.2)] * 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"local_crops_scale": (0.5, 0.2)}, "--local_crops_scale"),
+        ({"local_crops_scale": (0.0, 0.2)}, "--local_crops_scale"),
+        ({"global_crops_scale": (0.4, 1.5)}, "--global_crops_scale"),
+        ({"global_crops_scale": (0.4,)}, "--global_crops_scale"),
+        ({"global_crops_number": 2}, "--global_crops_number"),
+        ({"local_crops_number": -1}, "--local_crops_number"),
+    ],
+)
+def test_bad_arguments_name_the_flag(kwargs, flag):
+    mode = "tp" if "global_crops_number" in kwargs else "mc"
+    with pytest.raises(ValueError, match=flag):
+        MultiCropAugmentation(mode, None, **kwargs)
+
+
+def test_wrong_band_count_is_rejected():
+    with pytest.raises(ValueError, match="expected a 12 x H x W image"):
+        MultiCropAugmentation("mc", "ALL")(_constant(10, bands=3))
+
+
+@pytest.mark.parametrize("mode", ["dino", "mc", "tp"])
+@pytest.mark.parametrize("kind", ["rgb", "ms"])
+def test_outputs_are_finite_and_roughly_normalised(scene_images, mode, kind):
+    bands = "RGB" if kind == "rgb" else "ALL"
+    aug = MultiCropAugmentation(mode, bands, local_crops_number=6)
+    image = scene_images[kind]
+    torch.manual_seed(0)
+    crops = aug([image] * 3 if mode == "tp" else [image])
+    channels = 3 if kind == "rgb" else 12
+    assert [tuple(c.shape) for c in crops] == [(channels, s, s) for s in aug.crop_sizes]
+    stacked = torch.cat([c.flatten(1) for c in crops], dim=1)
+    assert torch.isfinite(stacked).all()
+    assert stacked.mean().abs() < 1.5 and 0.1 < stacked.std() < 3.0
+
+
+def test_normalize_constants():
+    rgb = Normalize(RGB_BANDS)(torch.full((3, 2, 2), 255, dtype=torch.uint8))
+    expected = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    torch.testing.assert_close(rgb[:, 0, 0], torch.tensor(expected))
+    mean, std = SECO_MS_MEAN_STD["B8"]
+    ms = Normalize(["B8"], max_value=1.0)(torch.full((1, 2, 2), (mean + std) / 255.0))
+    torch.testing.assert_close(ms, torch.ones(1, 2, 2))
+
+
+def test_rgb_only_operations_are_not_applied_to_multispectral(scene_images, monkeypatch):
+    calls = {"gray": 0, "solarize": 0, "jitter": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(F, "rgb_to_grayscale", counting("gray", F.rgb_to_grayscale))
+    monkeypatch.setattr(F, "solarize", counting("solarize", F.solarize))
+    ms = MultiCropAugmentation("mc", "ALL")
+    ms._jitters = {k: counting("jitter", v) for k, v in ms._jitters.items()}
+    torch.manual_seed(0)
+    for _ in range(10):
+        ms(scene_images["ms"])
+    assert calls == {"gray": 0, "solarize": 0, "jitter": 0}
+
+    rgb = MultiCropAugmentation("mc", "RGB")
+    rgb._jitters = {k: counting("jitter", v) for k, v in rgb._jitters.items()}
+    torch.manual_seed(0)
+    for _ in range(20):
+        rgb(scene_images["rgb"])
+    assert calls["gray"] > 0 and calls["solarize"] > 0 and calls["jitter"] > 0
+
+
+def test_multispectral_jitter_changes_bands_independently():
+    """Constant bands stay constant (no mixing across bands), but each band gets its own gain."""
+    aug = MultiCropAugmentation("mc", S2_BANDS[:4])
+    image = torch.stack([torch.full((60, 60), 100, dtype=torch.uint8)] * 4)
+    torch.manual_seed(0)
+    ratios = []
+    for _ in range(10):
+        crop = aug(image)[2] * aug.normalize.std + aug.normalize.mean  # back to [0, 1] units
+        assert torch.allclose(crop, crop[:, :1, :1].expand_as(crop), atol=1e-4)
+        ratios.append(crop[:, 0, 0] / crop[0, 0, 0])
+    assert any((r - 1).abs().max() > 0.05 for r in ratios)
+
+
+def test_eval_and_train_transforms():
+    image = torch.randint(0, 256, (12, 300, 200), dtype=torch.uint8)
+    out = eval_transform("ALL")(image)
+    assert out.shape == (12, 224, 224) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    # The centre crop of a resized image: the middle pixel row of a constant image stays the constant.
+    rgb = eval_transform(None)(torch.full((3, 64, 64), 255, dtype=torch.uint8))
+    torch.testing.assert_close(rgb[:, 112, 112], Normalize(RGB_BANDS)(torch.full((3, 1, 1), 255.0))[:, 0, 0])
+    assert train_transform("RGB", size=96)(image[:3]).shape == (3, 96, 96)
+
+    seen = []
+    custom = eval_transform("ALL", resize=64, crop=48, normalize=lambda x: seen.append(x.dtype) or x / 10000.0)
+    uint16_as_float = torch.full((12, 120, 120), 5000.0)
+    torch.testing.assert_close(custom(uint16_as_float), torch.full((12, 48, 48), 0.5))
+    assert seen == [torch.float32]
