@@ -1,9 +1,10 @@
 """The runtime every script shares: distributed set-up, backbones, precision, schedules, logging, checkpoints.
 
 Sections, top to bottom: small helpers; distributed (plain process, torchrun, SLURM); precision; backbones
-and the multi-crop wrapper; optimisation helpers; schedules; logging; checkpoints. DINO's public names
-(``cosine_scheduler``, ``MultiCropWrapper``, ``MetricLogger``, ``restart_from_checkpoint``, ...) are kept so
-that code written against facebookresearch/dino keeps working.
+and the multi-crop wrapper; optimisation helpers; schedules; logging; checkpoints; pretrained weights (the
+loader of every evaluation script). DINO's public names (``cosine_scheduler``, ``MultiCropWrapper``,
+``MetricLogger``, ``restart_from_checkpoint``, ...) are kept so that code written against facebookresearch/dino
+keeps working.
 """
 
 from __future__ import annotations
@@ -11,18 +12,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
+import math
 import os
+import pickle
 import random
+import re
 import sys
 import time
+import urllib.parse
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.hub
 import torch.nn as nn
 
 import vision_transformer as vits
@@ -286,6 +293,24 @@ def build_backbone(
     raise ValueError(f"--arch {arch!r} is not supported; expected one of {choices} or timm/<model name>")
 
 
+def add_backbone_args(parser: argparse.ArgumentParser, arch: str = "vit_small", patch_size: int = 8) -> None:
+    """The backbone flags every script shares (published DINO-MC ViTs are ViT-S/8)."""
+    group = parser.add_argument_group("backbone")
+    group.add_argument(
+        "--arch",
+        default=arch,
+        type=str,
+        help="vit_tiny | vit_small | vit_base | resnet50 | wide_resnet50_2 | swin_t | resnet18 | timm/<name>.",
+    )
+    group.add_argument("--patch_size", default=patch_size, type=int, help="ViT patch size in pixels (8 or 16).")
+    group.add_argument(
+        "--bands",
+        default="RGB",
+        type=str,
+        help="Input bands: RGB (B4,B3,B2), ALL (12 Sentinel-2 L2A bands) or a list like B4,B3,B2,B8.",
+    )
+
+
 def is_vit(model: nn.Module) -> bool:
     return isinstance(model, vits.VisionTransformer)
 
@@ -432,14 +457,17 @@ def cosine_scheduler(
     warmup_epochs: int = 0,
     start_warmup_value: float = 0,
 ) -> np.ndarray:
-    """Per-iteration values: linear warm-up to ``base_value``, then cosine decay to ``final_value`` (DINO)."""
-    warmup_iters = warmup_epochs * niter_per_ep
-    warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_epochs > 0 else np.array([])
-    iters = np.arange(epochs * niter_per_ep - warmup_iters)
-    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
-    schedule = np.concatenate((warmup_schedule, schedule))
-    assert len(schedule) == epochs * niter_per_ep
-    return schedule
+    """Per-iteration values: linear warm-up to ``base_value``, then cosine decay to ``final_value`` (DINO).
+
+    Unlike DINO's version, a warm-up longer than the run (``--epochs 1`` with the default 10 warm-up epochs,
+    as in a smoke test) is cut to the run's length instead of failing.
+    """
+    total_iters = epochs * niter_per_ep
+    warmup_iters = min(warmup_epochs * niter_per_ep, total_iters)
+    warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
+    iters = np.arange(total_iters - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
+    return np.concatenate((warmup_schedule, schedule))
 
 
 # ============================================================================================ logging
@@ -632,3 +660,225 @@ def _match_module_prefix(state: dict, target: dict) -> dict:
     if target_prefixed and not state_prefixed:
         return {f"module.{k}": v for k, v in state.items()}
     return state
+
+
+# ============================================================================================ pretrained weights
+
+DEFAULT_CACHE_DIR = Path("~/.cache/dino_mc")
+DRIVE_ID_PATTERNS = (
+    re.compile(r"drive\.google\.com/file/d/([\w-]+)"),
+    re.compile(r"drive\.google\.com/.*[?&]id=([\w-]+)"),
+)
+BARE_DRIVE_ID = re.compile(r"[\w-]{25,}")
+
+
+def add_pretrained_args(parser: argparse.ArgumentParser) -> None:
+    """--pretrained_weights and --checkpoint_key, shared by every evaluation and fine-tuning script."""
+    group = parser.add_argument_group("pretrained weights")
+    group.add_argument(
+        "--pretrained_weights",
+        default=None,
+        type=str,
+        help="Checkpoint to evaluate: a local path, an http(s) URL, a Google Drive share link or file id "
+        "(downloaded once into $DINO_MC_CACHE, default ~/.cache/dino_mc), or 'none' for random weights.",
+    )
+    group.add_argument(
+        "--checkpoint_key",
+        default="teacher",
+        type=str,
+        help="Entry of the checkpoint that holds the network: teacher (default, the evaluated one) or student.",
+    )
+
+
+def cache_dir() -> Path:
+    """Where downloaded checkpoints are kept: $DINO_MC_CACHE, else ~/.cache/dino_mc."""
+    return Path(os.environ.get("DINO_MC_CACHE", DEFAULT_CACHE_DIR)).expanduser()
+
+
+def google_drive_id(spec: str) -> str | None:
+    """The file id of a Google Drive share link (``/file/d/<id>/view``, ``open?id=<id>``, ``uc?id=<id>``) or of
+    a bare id (25+ letters, digits, ``-`` or ``_``, as in the published checkpoint table); None otherwise."""
+    for pattern in DRIVE_ID_PATTERNS:
+        match = pattern.search(spec)
+        if match:
+            return match.group(1)
+    if BARE_DRIVE_ID.fullmatch(spec) and not Path(spec).exists():
+        return spec
+    return None
+
+
+def _download_once(target: Path, download: Callable[[Path], None], source: str) -> Path:
+    """Fetch ``source`` into ``target`` unless it is cached; rank 0 of each node downloads, the others wait.
+
+    The download goes to ``<target>.partial`` and is renamed only when complete, so an interrupted run
+    leaves no file that a re-run would mistake for a finished download: it simply starts the download again.
+    """
+    local_main = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if local_main and not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        print(f"Downloading {source} to {target}", flush=True)
+        try:
+            download(partial)
+        except Exception as err:  # network, HTTP and Drive errors: report them as one line
+            partial.unlink(missing_ok=True)
+            raise ConfigError(f"--pretrained_weights {source}: download failed: {one_line(err)}") from None
+        os.replace(partial, target)
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+    if not target.is_file():
+        raise ConfigError(f"--pretrained_weights {source}: {target} is missing after the download")
+    return target
+
+
+def resolve_weights_path(spec: str, cache: str | Path | None = None) -> Path:
+    """A local checkpoint file for ``spec``: a path (must exist: no fallback to other weights), an http(s) URL
+    or a Google Drive link / id (downloaded once into ``cache``, default :func:`cache_dir`)."""
+    cache = Path(cache).expanduser() if cache is not None else cache_dir()
+    if spec.startswith(("http://", "https://")) and "drive.google.com" not in spec:
+        name = Path(urllib.parse.urlparse(spec).path).name or "checkpoint.pth"
+        digest = hashlib.sha256(spec.encode()).hexdigest()[:8]  # two URLs ending in the same name stay apart
+
+        def fetch(dst: Path) -> None:
+            torch.hub.download_url_to_file(spec, str(dst), progress=True)
+
+        return _download_once(cache / f"{digest}-{name}", fetch, spec)
+    drive_id = google_drive_id(spec)
+    if drive_id is not None:
+
+        def fetch(dst: Path) -> None:
+            from torchvision.datasets.utils import download_file_from_google_drive
+
+            download_file_from_google_drive(drive_id, str(dst.parent), filename=dst.name)
+
+        return _download_once(cache / f"gdrive-{drive_id}.pth", fetch, spec)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--pretrained_weights {spec} does not exist")
+    return path
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy array needs: this project's checkpoints carry numpy's RNG state (exact resume).
+
+    These rebuild plain arrays from bytes and a dtype; they call nothing given by the file, so allowing them
+    keeps the guarantee of weights_only loading.
+    """
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_checkpoint_safely(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors, containers and the few allowlisted classes only.
+
+    Published DINO / DINO-MC checkpoints store ``args`` as an ``argparse.Namespace``, which is allowlisted;
+    anything else a pickle asks for (a function to call, a class to build) is refused before it can run,
+    so a downloaded file cannot execute code on load.
+    """
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace, *_numpy_array_globals()]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"it asks for {unsafe.group(1)}" if unsafe else one_line(err)
+        raise ConfigError(
+            f"refusing to load {path}: {what}, which could run code while unpickling "
+            "(only tensors, plain containers and argparse.Namespace are accepted)"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ConfigError(f"cannot read checkpoint {path}: {one_line(err)}") from None
+
+
+def _pick_state_dict(checkpoint: Any, checkpoint_key: str, path: Path) -> dict[str, torch.Tensor]:
+    """``checkpoint[checkpoint_key]`` when present, else the checkpoint itself if it is a bare state dict
+    (DINO's official backbone releases)."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get(checkpoint_key), dict):
+        print(f"Taking key '{checkpoint_key}' of {path}")
+        return checkpoint[checkpoint_key]
+    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        print(f"{path} is a plain state dict (no '{checkpoint_key}' entry)")
+        return checkpoint
+    entries = sorted(k for k, v in checkpoint.items() if isinstance(v, dict)) if isinstance(checkpoint, dict) else []
+    raise ConfigError(
+        f"--checkpoint_key {checkpoint_key}: {path} has no such entry and is not a state dict "
+        f"(entries holding dicts: {', '.join(entries) or 'none'})"
+    )
+
+
+def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DDP's ``module.`` and the multi-crop wrapper's ``backbone.`` prefixes, and the projection head
+    (``head.*``) or torchvision classifier (``fc.*``), which evaluation replaces."""
+    stripped = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.").removeprefix("backbone.")
+        if not key.startswith(("head.", "fc.")):
+            stripped[key] = value
+    return stripped
+
+
+def _resample_pos_embed(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Resample a ViT checkpoint's position embeddings trained on another image size to the model's grid."""
+    target = model.state_dict().get("pos_embed")
+    pos = state_dict.get("pos_embed")
+    if target is None or pos is None or pos.shape == target.shape or pos.shape[-1] != target.shape[-1]:
+        return
+    old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(target.shape[1] - 1)
+    if old * old != pos.shape[1] - 1:
+        return  # not a square grid + CLS: left to the shape check, which reports it
+    print(f"Resampling pos_embed from a {old}x{old} to a {new}x{new} patch grid")
+    state_dict["pos_embed"] = vits.resample_abs_pos_embed(
+        pos, new_size=(new, new), old_size=(old, old), num_prefix_tokens=1, interpolation="bicubic", antialias=False
+    )
+
+
+def load_pretrained_weights(
+    model: nn.Module, pretrained_weights: str | None, checkpoint_key: str = "teacher"
+) -> nn.Module:
+    """Load a backbone from any supported checkpoint into ``model`` (built by :func:`build_backbone`), strictly.
+
+    Accepts this project's ``checkpoint.pth``, the published DINO-MC checkpoints and DINO's official bare
+    state dicts (ViT or torchvision names). Missing and unexpected keys are printed; a missing or wrongly
+    shaped backbone weight raises ConfigError, because evaluating half-random weights gives plausible but
+    meaningless numbers. ``"none"`` keeps the random initialisation on purpose (a baseline).
+    """
+    if pretrained_weights is None:
+        raise ConfigError(
+            "--pretrained_weights is required: a checkpoint path, an http(s) URL, a Google Drive link or id, "
+            "or 'none' for random weights"
+        )
+    if pretrained_weights.lower() == "none":
+        print("--pretrained_weights none: using randomly initialised weights")
+        return model
+    path = resolve_weights_path(pretrained_weights)
+    state_dict = _strip_prefixes(_pick_state_dict(load_checkpoint_safely(path), checkpoint_key, path))
+    _resample_pos_embed(model, state_dict)
+
+    expected = model.state_dict()
+    # BatchNorm's step counter is unused at evaluation and absent from some older torchvision-format releases.
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [
+        f"{k} (checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if unexpected:
+        print(f"Unexpected keys in {path} (ignored): {', '.join(unexpected)}")
+    if missing:
+        print(f"Missing keys: {', '.join(missing)}")
+    if missing or wrong_shape:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} backbone weights missing (first: {missing[0]})")
+        if wrong_shape:
+            problems.append(f"{len(wrong_shape)} with the wrong shape (first: {wrong_shape[0]})")
+        raise ConfigError(
+            f"--pretrained_weights {pretrained_weights} does not fit this backbone: {'; '.join(problems)}; "
+            "check --arch, --patch_size, --bands and --checkpoint_key"
+        )
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
+    print(f"Pretrained weights found at {path} and loaded ({len(expected)} tensors, key '{checkpoint_key}')")
+    return model

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import rasterio
 import torch
 import torch.nn.functional as F
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from datasets import DataError
 
@@ -20,11 +21,15 @@ def read_raster(path: str | Path, indexes: list[int] | None = None) -> np.ndarra
     a user with 100,000 files needs to know which one is broken, not a GDAL stack trace.
     """
     try:
-        with rasterio.open(path) as src:
-            return src.read(indexes)
+        with warnings.catch_warnings():
+            # Pixels are all we use: a JPEG/PNG or a damaged header without georeferencing is not a problem.
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                return src.read(indexes)
     except (RasterioError, OSError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"cannot read raster {path}: {reason}") from None
+        cause = err.__cause__ or err  # rasterio wraps GDAL's own message ("... truncated ...") as the cause
+        reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise DataError(f"cannot read raster {path}: {reason} (corrupt or truncated file?)") from None
 
 
 def read_band(path: str | Path) -> np.ndarray:

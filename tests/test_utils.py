@@ -150,3 +150,8 @@ def test_one_line_strips_worker_traceback():
         "last):\n  File x\ndatasets.DataError: cannot read raster /a/B2.tif: truncated\n"
     )
     assert utils.one_line(err) == "cannot read raster /a/B2.tif: truncated"
+
+
+def test_cosine_scheduler_warmup_longer_than_run_is_cut():
+    sched = utils.cosine_scheduler(1.0, 0.0, epochs=1, niter_per_ep=5, warmup_epochs=10)
+    np.testing.assert_allclose(sched, np.linspace(0, 1, 5))

@@ -1,0 +1,555 @@
+"""DINO, DINO-MC and DINO-TP self-supervised pretraining on satellite imagery.
+
+    python main_dino_mc.py --arch vit_small --patch_size 8 --data_mode mc --data_path DATA --output_dir OUT
+    torchrun --nproc_per_node 4 main_dino_mc.py ...   (same flags)
+
+``--data_mode`` picks the method: ``dino`` (2 global + N 96 px local crops), ``mc`` (DINO-MC: local crops of
+several sizes) or ``tp`` (DINO-TP: three acquisitions of a location as three teacher views). The training
+loop is DINO's; the flags keep the published names and defaults, with the published bugs fixed (README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import utils
+import vision_transformer as vits
+from datasets import DataError
+from datasets.bands import parse_bands
+from datasets.seco import SeCoDataset
+from datasets.transforms import MultiCropAugmentation
+
+# Per-mode defaults of the crop flags (None on the command line = take these). mc/tp are the published
+# DINO-MC defaults; dino is DINO's own multi-crop.
+MODE_DEFAULTS = {
+    "dino": {"global_crops_scale": (0.4, 1.0), "local_crops_scale": (0.05, 0.4), "local_crops_number": 8},
+    "mc": {"global_crops_scale": (0.32, 1.0), "local_crops_scale": (0.05, 0.32), "local_crops_number": 6},
+    "tp": {"global_crops_scale": (0.32, 1.0), "local_crops_scale": (0.05, 0.32), "local_crops_number": 6},
+}
+GLOBAL_CROPS_NUMBER = {"dino": 2, "mc": 2, "tp": 3}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("DINO-MC", add_help=False)
+
+    # Model parameters
+    utils.add_backbone_args(parser)
+    parser.add_argument("--out_dim", default=65536, type=int, help="Dimensionality of the DINO head output.")
+    parser.add_argument(
+        "--norm_last_layer",
+        default=True,
+        type=utils.bool_flag,
+        help="Whether to weight-normalise (freeze the norm of) the head's last layer.",
+    )
+    parser.add_argument(
+        "--momentum_teacher",
+        default=0.996,
+        type=float,
+        help="Base EMA momentum of the teacher, raised to 1 with a cosine schedule.",
+    )
+    parser.add_argument(
+        "--use_bn_in_head",
+        default=False,
+        type=utils.bool_flag,
+        help="Whether to use batch normalisation in the projection head.",
+    )
+    parser.add_argument(
+        "--data_mode",
+        default="mc",
+        choices=["dino", "mc", "tp"],
+        help="dino: DINO multi-crop; mc: DINO-MC multi-sized local crops; tp: DINO-TP temporal "
+        "positives (three acquisitions per location, three teacher crops).",
+    )
+
+    # Temperature teacher parameters
+    parser.add_argument(
+        "--warmup_teacher_temp", default=0.04, type=float, help="Initial teacher temperature (linear warm-up start)."
+    )
+    parser.add_argument("--teacher_temp", default=0.04, type=float, help="Teacher temperature after warm-up.")
+    parser.add_argument(
+        "--warmup_teacher_temp_epochs", default=0, type=int, help="Epochs of teacher temperature warm-up."
+    )
+
+    # Training / optimisation parameters
+    utils.add_precision_args(parser)
+    parser.add_argument("--weight_decay", type=float, default=0.04, help="Initial weight decay.")
+    parser.add_argument("--weight_decay_end", type=float, default=0.4, help="Final weight decay (cosine schedule).")
+    parser.add_argument(
+        "--clip_grad", type=float, default=3.0, help="Maximal per-parameter gradient norm; 0 disables clipping."
+    )
+    parser.add_argument("--batch_size_per_gpu", default=8, type=int, help="Images per process and step.")
+    parser.add_argument("--epochs", default=300, type=int, help="Number of epochs of training.")
+    parser.add_argument(
+        "--freeze_last_layer", default=1, type=int, help="Epochs during which the head's last layer is kept fixed."
+    )
+    parser.add_argument(
+        "--lr",
+        default=0.0005,
+        type=float,
+        help="Peak learning rate for a total batch of 256 (scaled linearly with the batch).",
+    )
+    parser.add_argument("--warmup_epochs", default=10, type=int, help="Epochs of linear learning-rate warm-up.")
+    parser.add_argument("--min_lr", type=float, default=1e-6, help="Learning rate at the end of the cosine.")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"], help="Optimizer.")
+    parser.add_argument("--drop_path_rate", type=float, default=0.1, help="Stochastic depth rate.")
+
+    # Data and multi-crop parameters
+    parser.add_argument(
+        "--global_crops_scale",
+        type=float,
+        nargs=2,
+        default=None,
+        help="Scale range of global crops. Default: 0.32 1 (mc, tp), 0.4 1 (dino).",
+    )
+    parser.add_argument(
+        "--global_crops_number",
+        type=int,
+        default=None,
+        help="Set by --data_mode (2, or 3 for tp); passing a different value is an error.",
+    )
+    parser.add_argument(
+        "--local_crops_number",
+        type=int,
+        default=None,
+        help="Number of local crops. Default: 6 (mc, tp), 8 (dino); 0 disables multi-crop.",
+    )
+    parser.add_argument(
+        "--size_crops",
+        type=int,
+        nargs="+",
+        default=[184, 164, 144, 124, 104, 84],
+        help="Local crop sizes for mc/tp, one crop per size (fewer crops use the smallest).",
+    )
+    parser.add_argument(
+        "--local_crops_scale",
+        type=float,
+        nargs=2,
+        default=None,
+        help="Scale range of local crops. Default: 0.05 0.32 (mc, tp), 0.05 0.4 (dino).",
+    )
+    parser.add_argument(
+        "--min_scale_crops", type=float, default=None, help="Published alias of the lower bound of --local_crops_scale."
+    )
+    parser.add_argument(
+        "--max_scale_crops", type=float, default=None, help="Published alias of the upper bound of --local_crops_scale."
+    )
+    parser.add_argument(
+        "--fixed_acquisition",
+        default=False,
+        type=utils.bool_flag,
+        help="mc/dino: keep ONE acquisition per location (the published code's behaviour) "
+        "instead of sampling one per access.",
+    )
+    parser.add_argument(
+        "--tp_with_replacement",
+        default=False,
+        type=utils.bool_flag,
+        help="tp: draw the three acquisitions with replacement (the published behaviour).",
+    )
+
+    # Misc
+    parser.add_argument("--data_path", default=None, type=str, help="Root of the SeCo-layout data.")
+    parser.add_argument("--output_dir", default="output_dir", type=str, help="Where logs and checkpoints go.")
+    parser.add_argument("--saveckp_freq", default=20, type=int, help="Keep checkpointNNNN.pth every x epochs.")
+    parser.add_argument("--seed", default=0, type=int, help="Random seed.")
+    parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per process.")
+    parser.add_argument("--print_freq", default=10, type=int, help="Log a line every this many iterations.")
+    utils.add_distributed_args(parser)
+    return parser
+
+
+def resolve_crop_args(args: argparse.Namespace) -> None:
+    """Fill the mode-dependent crop defaults; the crop flags are validated by the augmentation itself."""
+    defaults = MODE_DEFAULTS[args.data_mode]
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.min_scale_crops is not None or args.max_scale_crops is not None:
+        low, high = args.local_crops_scale
+        args.local_crops_scale = (
+            args.min_scale_crops if args.min_scale_crops is not None else low,
+            args.max_scale_crops if args.max_scale_crops is not None else high,
+        )
+    if args.global_crops_number is None:
+        args.global_crops_number = GLOBAL_CROPS_NUMBER[args.data_mode]
+    args.global_crops_scale = tuple(args.global_crops_scale)
+    args.local_crops_scale = tuple(args.local_crops_scale)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Validate what can be checked before any work starts; raises ConfigError with a one-line message."""
+    try:
+        _check_args(args)
+    except ValueError as err:
+        raise utils.ConfigError(str(err)) from None
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.data_path is None:
+        raise ValueError("--data_path is required (a folder in the SeCo layout)")
+    if not Path(args.data_path).is_dir():
+        raise ValueError(f"--data_path {args.data_path} is not a folder")
+    args.bands = ",".join(parse_bands("RGB" if args.bands == "RGB_BANDS" else args.bands))
+    utils.build_backbone(args.arch, args.patch_size)  # fails early on an unknown --arch
+    if args.patch_size not in (8, 14, 16) and args.arch.startswith("vit"):
+        raise ValueError(f"--patch_size {args.patch_size}: expected 8 or 16")
+    if args.batch_size_per_gpu < 1 or args.epochs < 1:
+        raise ValueError("--batch_size_per_gpu and --epochs must be positive")
+    resolve_crop_args(args)
+
+
+class DINOLoss(nn.Module):
+    """DINO's cross-entropy between centred, sharpened teacher outputs and student outputs.
+
+    For every teacher crop i and student crop v != i: sum(-softmax((t_i - c) / T_t) * log_softmax(s_v / T_s)),
+    averaged over the batch and then over all (i, v) pairs. ``teacher_crops_number`` is 2 for DINO / DINO-MC
+    and 3 for DINO-TP. The centre is an EMA of the mean teacher output, all-reduced across processes when a
+    process group exists (so the loss also works in a plain process or a notebook).
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        ncrops: int,
+        warmup_teacher_temp: float,
+        teacher_temp: float,
+        warmup_teacher_temp_epochs: int,
+        nepochs: int,
+        teacher_crops_number: int = 2,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.ncrops = ncrops
+        self.teacher_crops_number = teacher_crops_number
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = np.concatenate(
+            (
+                np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+                np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
+            )
+        )
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+        student_out = (student_output.float() / self.student_temp).chunk(self.ncrops)
+        temp = self.teacher_temp_schedule[epoch]
+        teacher_out = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
+        teacher_out = teacher_out.chunk(self.teacher_crops_number)
+
+        student_logp = [F.log_softmax(s, dim=-1) for s in student_out]
+        total_loss = student_output.new_zeros((), dtype=torch.float32)
+        n_loss_terms = 0
+        for iq, q in enumerate(teacher_out):
+            for v, logp in enumerate(student_logp):
+                if v == iq:  # skip the pair where student and teacher see the same view
+                    continue
+                total_loss = total_loss + torch.sum(-q * logp, dim=-1).mean()
+                n_loss_terms += 1
+        self.update_center(teacher_output)
+        return total_loss / n_loss_terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """EMA of the batch mean of the teacher output over all processes and teacher crops."""
+        batch_center = torch.sum(teacher_output.float(), dim=0, keepdim=True)
+        count = len(teacher_output)
+        if utils.is_dist_avail_and_initialized():
+            dist.all_reduce(batch_center)
+            count *= dist.get_world_size()
+        batch_center = batch_center / count
+        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+
+
+def build_transform(args: argparse.Namespace) -> MultiCropAugmentation:
+    """The multi-crop augmentation of the mode; it validates the crop flags (ConfigError names the flag)."""
+    try:
+        return MultiCropAugmentation(
+            args.data_mode,
+            args.bands.split(","),
+            global_crops_scale=args.global_crops_scale,
+            local_crops_scale=args.local_crops_scale,
+            local_crops_number=args.local_crops_number,
+            size_crops=args.size_crops,
+            global_crops_number=args.global_crops_number,
+        )
+    except ValueError as err:
+        raise utils.ConfigError(str(err)) from None
+
+
+def build_data(args: argparse.Namespace) -> tuple[SeCoDataset, torch.utils.data.DataLoader]:
+    transform = build_transform(args)
+    bands = args.bands.split(",")
+    dataset = SeCoDataset(
+        args.data_path,
+        bands=bands,
+        data_mode=args.data_mode,
+        transform=transform,
+        fixed_acquisition=args.fixed_acquisition,
+        tp_with_replacement=args.tp_with_replacement,
+        seed=args.seed,
+    )
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers,
+        pin_memory=args.device.startswith("cuda"),
+        drop_last=True,
+        persistent_workers=args.num_workers > 0,
+    )
+    if len(loader) == 0:
+        raise utils.ConfigError(
+            f"--data_path {args.data_path} has {len(dataset)} locations, fewer than one batch of "
+            f"{args.batch_size_per_gpu} x {args.world_size} processes"
+        )
+    print(f"Data loaded: {len(dataset)} locations, {len(loader)} iterations per epoch, bands {args.bands}.")
+    return dataset, loader
+
+
+def build_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Student (possibly DDP-wrapped), teacher, and the teacher without its DDP wrapper."""
+    in_chans = len(args.bands.split(","))
+    student_backbone, embed_dim = utils.build_backbone(args.arch, args.patch_size, in_chans, args.drop_path_rate)
+    teacher_backbone, _ = utils.build_backbone(args.arch, args.patch_size, in_chans)
+    student = utils.MultiCropWrapper(
+        student_backbone,
+        vits.DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head, norm_last_layer=args.norm_last_layer),
+    )
+    teacher = utils.MultiCropWrapper(teacher_backbone, vits.DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
+    student, teacher = student.to(args.device), teacher.to(args.device)
+    if not utils.is_vit(student_backbone):
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+
+    teacher_without_ddp = teacher
+    on_cuda = args.device.startswith("cuda")
+    if args.distributed and utils.has_batchnorms(student) and on_cuda:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        # SyncBatchNorm only synchronises inside DDP, hence a DDP wrapper around the teacher too
+        teacher = nn.parallel.DistributedDataParallel(teacher, device_ids=[args.gpu])
+        teacher_without_ddp = teacher.module
+    if args.distributed:
+        student = nn.parallel.DistributedDataParallel(student, device_ids=[args.gpu] if on_cuda else None)
+    student_without_ddp = student.module if args.distributed else student
+    teacher_without_ddp.load_state_dict(student_without_ddp.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    print(f"Student and teacher are built: both are {args.arch} networks ({in_chans} input bands).")
+    return student, teacher, teacher_without_ddp
+
+
+def main(args: argparse.Namespace) -> None:
+    utils.init_distributed_mode(args)
+    check_args(args)
+    utils.fix_random_seeds(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    torch.backends.cudnn.benchmark = True
+    precision = utils.resolve_precision(args, args.device)
+
+    # ============ data, models, loss, optimizer, schedules ============
+    dataset, data_loader = build_data(args)
+    student, teacher, teacher_without_ddp = build_models(args)
+    student_without_ddp = student.module if args.distributed else student
+    ncrops = args.global_crops_number + args.local_crops_number
+    dino_loss = DINOLoss(
+        args.out_dim,
+        ncrops,
+        args.warmup_teacher_temp,
+        args.teacher_temp,
+        args.warmup_teacher_temp_epochs,
+        args.epochs,
+        teacher_crops_number=args.global_crops_number,
+    ).to(args.device)
+    optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student))
+    fp16_scaler = utils.make_grad_scaler(precision, args.device)
+    niter = len(data_loader)
+    lr_schedule = utils.cosine_scheduler(
+        args.lr * (args.batch_size_per_gpu * args.world_size) / 256.0,
+        args.min_lr,
+        args.epochs,
+        niter,
+        warmup_epochs=args.warmup_epochs,
+    )
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
+    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter)
+    print(f"Loss, optimizer and schedulers ready (precision {precision}).")
+
+    # ============ resume ============
+    to_restore = {"epoch": 0, "rng_state": None}
+    utils.restart_from_checkpoint(
+        output_dir / "checkpoint.pth",
+        run_variables=to_restore,
+        student=student,
+        teacher=teacher,
+        optimizer=optimizer,
+        fp16_scaler=fp16_scaler,
+        dino_loss=dino_loss,
+    )
+    start_epoch = to_restore["epoch"]
+    if to_restore["rng_state"] is not None:
+        restore_rng_state(to_restore["rng_state"], args.seed + start_epoch)
+
+    ema_pairs = (list(teacher_without_ddp.parameters()), list(student_without_ddp.parameters()))
+    start_time = time.time()
+    print(f"Starting {args.data_mode} training from epoch {start_epoch}.")
+    for epoch in range(start_epoch, args.epochs):
+        data_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(
+            student,
+            teacher,
+            ema_pairs,
+            dino_loss,
+            data_loader,
+            optimizer,
+            lr_schedule,
+            wd_schedule,
+            momentum_schedule,
+            epoch,
+            fp16_scaler,
+            precision,
+            args,
+        )
+        save_dict = {
+            "student": student.state_dict(),
+            "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1,
+            "args": dict(vars(args)),
+            "dino_loss": dino_loss.state_dict(),
+            "rng_state": gather_rng_states(),
+        }
+        if fp16_scaler is not None:
+            save_dict["fp16_scaler"] = fp16_scaler.state_dict()
+        utils.save_on_master(save_dict, output_dir / "checkpoint.pth")
+        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+            utils.save_on_master(save_dict, output_dir / f"checkpoint{epoch:04d}.pth")
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if utils.is_main_process():
+            with (output_dir / "log.txt").open("a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f"Training time {total_time}")
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's RNG state (rank order), so that a resumed multi-process run continues each stream."""
+    state = utils.get_rng_state()
+    if not utils.is_dist_avail_and_initialized():
+        return [state]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_state(states: list[dict], fallback_seed: int) -> None:
+    """Restore this rank's RNG stream; with a different world size, reseed per rank instead."""
+    if len(states) == utils.get_world_size():
+        utils.set_rng_state(states[utils.get_rank()])
+    else:
+        print(
+            f"Checkpoint has RNG states for {len(states)} processes, this run has {utils.get_world_size()}: "
+            f"reseeding with {fallback_seed}."
+        )
+        utils.fix_random_seeds(fallback_seed)
+
+
+def train_one_epoch(
+    student,
+    teacher,
+    ema_pairs,
+    dino_loss,
+    data_loader,
+    optimizer,
+    lr_schedule,
+    wd_schedule,
+    momentum_schedule,
+    epoch,
+    fp16_scaler,
+    precision,
+    args,
+) -> dict:
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    header = f"Epoch: [{epoch}/{args.epochs}]"
+    teacher_params, student_params = ema_pairs
+    for it, images in enumerate(metric_logger.log_every(data_loader, args.print_freq, header)):
+        it = len(data_loader) * epoch + it  # global training iteration
+        for i, param_group in enumerate(optimizer.param_groups):
+            param_group["lr"] = lr_schedule[it]
+            if i == 0:  # only the first group is regularised
+                param_group["weight_decay"] = wd_schedule[it]
+
+        images = [im.to(args.device, non_blocking=True) for im in images]
+        with utils.autocast(precision, args.device):
+            teacher_output = teacher(images[: args.global_crops_number])  # only global views go to the teacher
+            student_output = student(images)
+            loss = dino_loss(student_output, teacher_output, epoch)
+
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            print(
+                f"Loss is {loss_value} at epoch {epoch}, iteration {it}: stopping training. The last good "
+                f"checkpoint in {args.output_dir} is left as it was.",
+                force=True,
+            )
+            sys.exit(1)
+
+        optimizer.zero_grad(set_to_none=True)
+        if fp16_scaler is None:
+            loss.backward()
+        else:
+            fp16_scaler.scale(loss).backward()
+            fp16_scaler.unscale_(optimizer)  # clip the true gradients
+        if args.clip_grad:
+            utils.clip_gradients(student, args.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+        if fp16_scaler is None:
+            optimizer.step()
+        else:
+            fp16_scaler.step(optimizer)
+            fp16_scaler.update()
+
+        with torch.no_grad():  # EMA update of the teacher, one foreach kernel over all parameters
+            m = momentum_schedule[it]
+            torch._foreach_mul_(teacher_params, m)
+            torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+
+        metric_logger.update(loss=loss_value)
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Command-line entry: parse, then report bad arguments or bad data as one line with exit code 2."""
+    parser = argparse.ArgumentParser("DINO-MC", parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except (DataError, utils.ConfigError) as err:
+        utils.fail(utils.one_line(err))
+
+
+if __name__ == "__main__":
+    run()

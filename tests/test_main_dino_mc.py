@@ -1,0 +1,192 @@
+"""main_dino_mc.py end to end on CPU: every mode, multispectral, torchrun, resume, NaN stop, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_dino_mc
+from datasets.demo import write_seco_demo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def seco_root(tmp_path_factory) -> Path:
+    return write_seco_demo(tmp_path_factory.mktemp("seco") / "seco", n_locations=2, n_acquisitions=3, seed=1)
+
+
+def tiny_args(data_path, output_dir, *extra: str) -> list[str]:
+    return [
+        "--arch",
+        "vit_tiny",
+        "--patch_size",
+        "16",
+        "--data_mode",
+        "mc",
+        "--data_path",
+        str(data_path),
+        "--output_dir",
+        str(output_dir),
+        "--epochs",
+        "1",
+        "--batch_size_per_gpu",
+        "2",
+        "--out_dim",
+        "256",
+        "--num_workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--print_freq",
+        "1",
+        *extra,
+    ]
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny", "resnet18"])
+@pytest.mark.parametrize("mode,n_teacher,n_crops", [("dino", 2, 10), ("mc", 2, 8), ("tp", 3, 9)])
+def test_one_epoch_each_mode(seco_root, tmp_path, arch, mode, n_teacher, n_crops):
+    main_dino_mc.run(tiny_args(seco_root, tmp_path, "--arch", arch, "--data_mode", mode))
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert ckpt["epoch"] == 1 and isinstance(ckpt["args"], dict)
+    assert ckpt["args"]["global_crops_number"] == n_teacher
+    assert ckpt["args"]["global_crops_number"] + ckpt["args"]["local_crops_number"] == n_crops
+    assert set(ckpt) >= {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"}
+    assert any(k.startswith("backbone.") for k in ckpt["teacher"]) and "head.last_layer.weight_g" in ckpt["teacher"]
+    assert ckpt["dino_loss"]["center"].abs().sum() > 0  # the centre moved
+    (log,) = read_log(tmp_path)
+    assert log["epoch"] == 0 and 0 < log["train_loss"] < 20
+    assert (tmp_path / "checkpoint0000.pth").is_file()
+
+
+def test_multispectral_bands(seco_root, tmp_path):
+    main_dino_mc.run(tiny_args(seco_root, tmp_path, "--bands", "B4,B3,B2,B8", "--local_crops_number", "2"))
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert ckpt["teacher"]["backbone.patch_embed.proj.weight"].shape[1] == 4
+    assert ckpt["args"]["bands"] == "B4,B3,B2,B8"
+
+
+def run_script(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, **kwargs)
+
+
+def test_torchrun_two_processes_gloo(seco_root, tmp_path):
+    proc = run_script(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "main_dino_mc.py",
+            *tiny_args(seco_root, tmp_path, "--batch_size_per_gpu", "1", "--local_crops_number", "2"),
+        ],
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distributed init (rank 0/2, gloo)" in proc.stdout
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert ckpt["args"]["world_size"] == 2 and len(ckpt["rng_state"]) == 2
+    assert all(k.startswith("module.") for k in ckpt["student"])  # saved from DDP, as published checkpoints
+    assert len(read_log(tmp_path)) == 1
+
+
+def test_kill_and_resume_gives_same_teacher(seco_root, tmp_path):
+    common = ["--epochs", "3", "--local_crops_number", "2", "--saveckp_freq", "0", "--arch", "resnet18"]
+    straight = tmp_path / "straight"
+    main_dino_mc.run(tiny_args(seco_root, straight, *common))
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen(
+        [sys.executable, "main_dino_mc.py", *tiny_args(seco_root, resumed, *common)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    for line in proc.stdout:  # kill as soon as the second epoch starts: epoch 0 is checkpointed
+        if line.startswith("Epoch: [1/3]"):
+            proc.kill()
+            break
+    proc.wait()
+    assert torch.load(resumed / "checkpoint.pth", weights_only=False)["epoch"] >= 1
+    main_dino_mc.run(tiny_args(seco_root, resumed, *common))
+
+    a = torch.load(straight / "checkpoint.pth", weights_only=False)
+    b = torch.load(resumed / "checkpoint.pth", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 3
+    diff = max((a["teacher"][k].float() - b["teacher"][k].float()).abs().max().item() for k in a["teacher"])
+    assert diff <= 1e-6
+    assert [e["epoch"] for e in read_log(resumed)][-1] == 2
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(seco_root, tmp_path, monkeypatch, capsys):
+    main_dino_mc.run(tiny_args(seco_root, tmp_path, "--local_crops_number", "2", "--epochs", "2"))
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    # Restart for the second epoch with a loss that turns into NaN.
+    original = main_dino_mc.DINOLoss.forward
+    monkeypatch.setattr(main_dino_mc.DINOLoss, "forward", lambda *a, **k: original(*a, **k) * float("nan"))
+    args = tiny_args(seco_root, tmp_path, "--local_crops_number", "2", "--epochs", "3")
+    with pytest.raises(SystemExit) as exc:
+        main_dino_mc.run(args)
+    assert exc.value.code == 1
+    assert "Loss is nan" in capsys.readouterr().out
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before
+    assert len(read_log(tmp_path)) == 2
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--arch", "vit_giant", "--arch 'vit_giant' is not supported"),
+        ("--bands", "B4,B3,B13", "unknown Sentinel-2 band 'B13'"),
+        ("--global_crops_number", "3", "--global_crops_number 3 does not fit --data_mode mc"),
+        ("--local_crops_scale", "0.5 0.2", "--local_crops_scale"),
+    ],
+)
+def test_bad_arguments_one_line_exit_2(seco_root, tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exc:
+        main_dino_mc.run(tiny_args(seco_root, tmp_path, flag, *value.split()))
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+
+def test_missing_and_empty_data_path(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main_dino_mc.run(tiny_args(tmp_path / "nope", tmp_path / "out"))
+    assert exc.value.code == 2 and "nope" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main_dino_mc.run(tiny_args(tmp_path / "empty", tmp_path / "out"))
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "empty" in err and len(err.splitlines()) == 1
+
+
+def test_truncated_tif_is_named_in_one_line(seco_root, tmp_path):
+    broken = tmp_path / "seco"
+    subprocess.run(["cp", "-r", str(seco_root), str(broken)], check=True)
+    victims = sorted(broken.glob("*/*/B3.tif"))  # every acquisition: whichever is drawn first is broken
+    for victim in victims:
+        victim.write_bytes(victim.read_bytes()[:300])
+    proc = run_script(["main_dino_mc.py", *tiny_args(broken, tmp_path / "out")], timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert err[0].startswith("error: ") and any(str(v) in err[0] for v in victims)
