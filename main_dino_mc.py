@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import sys
 import time
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 
 import utils
 import vision_transformer as vits
-from datasets import DataError
 from datasets.bands import parse_bands
 from datasets.seco import SeCoDataset
 from datasets.transforms import MultiCropAugmentation
@@ -406,6 +404,8 @@ def main(args: argparse.Namespace) -> None:
         dino_loss=dino_loss,
     )
     start_epoch = to_restore["epoch"]
+    if utils.is_main_process():
+        utils.trim_json_log(output_dir / "log.txt", start_epoch)
     if to_restore["rng_state"] is not None:
         restore_rng_state(to_restore["rng_state"], args.seed + start_epoch)
 
@@ -429,6 +429,9 @@ def main(args: argparse.Namespace) -> None:
             precision,
             args,
         )
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if utils.is_main_process():  # the log line first: a kill before the checkpoint leaves a line to trim
+            utils.append_json_log(output_dir / "log.txt", log_stats)
         save_dict = {
             "student": student.state_dict(),
             "teacher": teacher.state_dict(),
@@ -443,10 +446,6 @@ def main(args: argparse.Namespace) -> None:
         utils.save_on_master(save_dict, output_dir / "checkpoint.pth")
         if args.saveckp_freq and epoch % args.saveckp_freq == 0:
             utils.save_on_master(save_dict, output_dir / f"checkpoint{epoch:04d}.pth")
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
-        if utils.is_main_process():
-            with (output_dir / "log.txt").open("a") as f:
-                f.write(json.dumps(log_stats) + "\n")
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")
 
@@ -542,13 +541,7 @@ def train_one_epoch(
 
 
 def run(argv: list[str] | None = None) -> None:
-    """Command-line entry: parse, then report bad arguments or bad data as one line with exit code 2."""
-    parser = argparse.ArgumentParser("DINO-MC", parents=[get_args_parser()])
-    args = parser.parse_args(argv)
-    try:
-        main(args)
-    except (DataError, utils.ConfigError) as err:
-        utils.fail(utils.one_line(err))
+    utils.run_cli("DINO-MC pretraining", get_args_parser, main, argv)
 
 
 if __name__ == "__main__":

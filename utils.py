@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import datetime
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -76,6 +77,19 @@ def fail(message: str, code: int = 2) -> None:
     """Print one clear error line and exit (code 2: bad arguments or bad input data)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def run_cli(description: str, get_args_parser, main, argv: list[str] | None = None) -> None:
+    """Every script's command-line entry: parse the flags, run ``main(args)``, and report bad arguments or bad
+    data (ConfigError, DataError) as one line with exit code 2 instead of a traceback."""
+    from datasets import DataError
+
+    parser = argparse.ArgumentParser(description, parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except (DataError, ConfigError) as err:
+        fail(one_line(err))
 
 
 # ============================================================================================ distributed
@@ -318,28 +332,37 @@ def is_vit(model: nn.Module) -> bool:
 class MultiCropWrapper(nn.Module):
     """Run the backbone on a list of crops, grouped by resolution, then the head once on all features.
 
-    Consecutive crops of equal size are concatenated into one backbone pass (DINO's scheme); the features
-    come back in crop order, so the output is (n_crops * B, out_dim) with crop i at rows [i*B, (i+1)*B).
+    Consecutive crops of equal size are concatenated into one batch (DINO's scheme); the features come back
+    in crop order, so the output is (n_crops * B, out_dim) with crop i at rows [i*B, (i+1)*B).
+    With ``pack_crops`` (default) a ViT runs all the size groups in ONE packed pass
+    (``VisionTransformer.forward_packed``: same result, measured 1.1-1.2x faster per DINO-MC step on CPU,
+    see benchmarks/); other backbones, or ``pack_crops=False``, get one pass per group as in DINO.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, pack_crops: bool = True):
         super().__init__()
         backbone.fc, backbone.head = nn.Identity(), nn.Identity()
         self.backbone = backbone
         self.head = head
+        self.pack_crops = pack_crops
 
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         if not isinstance(x, (list, tuple)):
             x = [x]
-        features = []
+        groups = []
         start = 0
         while start < len(x):
             end = start + 1
             while end < len(x) and x[end].shape[-2:] == x[start].shape[-2:]:
                 end += 1
-            out = self.backbone(torch.cat(x[start:end]))
-            features.append(out[0] if isinstance(out, tuple) else out)
+            groups.append(torch.cat(x[start:end]) if end - start > 1 else x[start])
             start = end
+        if self.pack_crops and len(groups) > 1 and is_vit(self.backbone):
+            return self.head(self.backbone.forward_packed(groups))
+        features = []
+        for group in groups:
+            out = self.backbone(group)
+            features.append(out[0] if isinstance(out, tuple) else out)
         return self.head(torch.cat(features))
 
 
@@ -578,6 +601,28 @@ class MetricLogger:
         total_time = time.time() - start_time
         total_time_str = str(datetime.timedelta(seconds=int(total_time)))
         print(f"{header} Total time: {total_time_str} ({total_time / max(total, 1):.6f} s / it)", flush=True)
+
+
+def append_json_log(path: str | Path, stats: dict) -> None:
+    """Append one JSON line (one epoch) to ``log.txt`` and flush it to disk before the checkpoint is written."""
+    with open(path, "a") as f:
+        f.write(json.dumps(stats) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def trim_json_log(path: str | Path, next_epoch: int) -> None:
+    """On resume, drop log lines of epochs >= ``next_epoch``: they belong to an epoch whose checkpoint was
+    never written (a kill between the two writes) and will be run and logged again."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", -1) < next_epoch]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 # ============================================================================================ checkpoints

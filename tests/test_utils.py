@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -155,3 +156,12 @@ def test_one_line_strips_worker_traceback():
 def test_cosine_scheduler_warmup_longer_than_run_is_cut():
     sched = utils.cosine_scheduler(1.0, 0.0, epochs=1, niter_per_ep=5, warmup_epochs=10)
     np.testing.assert_allclose(sched, np.linspace(0, 1, 5))
+
+
+def test_trim_json_log_drops_epochs_without_checkpoint(tmp_path):
+    log = tmp_path / "log.txt"
+    for epoch in range(4):
+        utils.append_json_log(log, {"epoch": epoch, "train_loss": 1.0 / (epoch + 1)})
+    utils.trim_json_log(log, next_epoch=2)
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [0, 1]
+    utils.trim_json_log(tmp_path / "missing.txt", 0)  # nothing to trim is fine
