@@ -1,0 +1,459 @@
+"""The supervised loop shared by eval_linear.py and the fine-tuning scripts (EuroSAT, BigEarthNet, OSCD).
+
+A script builds its datasets, model, optimizer, scheduler and a :class:`Task` (loss, how a batch becomes
+predictions and targets, torchmetrics metrics), then calls :func:`fit` or :func:`evaluate_checkpoint`.
+Everything else is here, once:
+
+- plain process, torchrun or SLURM (``utils.init_distributed_mode``), CPU or CUDA, ``--precision``;
+- metrics accumulated over the WHOLE evaluation split with torchmetrics (exact, synchronised across
+  processes at ``compute()``), never averaged per batch (METHOD.md bug 8);
+- ``output_dir/checkpoint.pth`` every epoch and ``checkpoint_best.pth`` on a new best, both atomic
+  (``utils.save_checkpoint``), resumed from automatically; the random generators are re-seeded from
+  ``--seed`` and the epoch at the start of every epoch, so a resumed run repeats the uninterrupted one;
+- one JSON line per epoch in ``output_dir/log.txt`` and ``output_dir/metrics.json`` with the best and the
+  last metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torchmetrics
+
+import utils
+
+
+def add_finetune_args(
+    parser: argparse.ArgumentParser,
+    epochs: int = 100,
+    lr: float = 0.001,
+    batch_size: int = 32,
+    seed: int = 0,
+    lr_scaled: bool = True,
+) -> None:
+    """Flags every supervised script shares; the defaults are each protocol's (EVALUATION.md).
+
+    ``lr_scaled``: whether the script applies DINO's linear scaling rule (:func:`scaled_lr`) to ``--lr``.
+    """
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", default=epochs, type=int, help="Number of training epochs.")
+    lr_help = (
+        "Learning rate for a total batch of 256 (scaled by batch x GPUs / 256)." if lr_scaled else "Learning rate."
+    )
+    group.add_argument("--lr", default=lr, type=float, help=lr_help)
+    group.add_argument("--batch_size_per_gpu", default=batch_size, type=int, help="Samples per process and step.")
+    group.add_argument("--num_workers", default=4, type=int, help="Data loading workers per process.")
+    group.add_argument(
+        "--train_frac",
+        default=1.0,
+        type=float,
+        help="Fraction of the train split used, drawn without replacement from --seed (0 < f <= 1).",
+    )
+    group.add_argument(
+        "--evaluate",
+        nargs="?",
+        const="checkpoint_best.pth",
+        default=None,
+        metavar="CHECKPOINT",
+        help="Only evaluate a saved checkpoint on the evaluation split (default file: "
+        "output_dir/checkpoint_best.pth) and write output_dir/evaluate.json.",
+    )
+    group.add_argument("--output_dir", default=".", type=str, help="Checkpoints, logs and metrics go here.")
+    group.add_argument("--seed", default=seed, type=int, help="Random seed.")
+    group.add_argument("--print_freq", default=20, type=int, help="Log a line every this many iterations.")
+    utils.add_pretrained_args(parser)
+    utils.add_precision_args(parser)
+    utils.add_distributed_args(parser)
+
+
+def check_finetune_args(args: argparse.Namespace) -> None:
+    """Reject impossible values of the shared flags before any work starts (ConfigError names the flag)."""
+    if args.epochs < 1 or args.batch_size_per_gpu < 1:
+        raise utils.ConfigError("--epochs and --batch_size_per_gpu must be positive")
+    if not 0.0 < args.train_frac <= 1.0:
+        raise utils.ConfigError(f"--train_frac must be in (0, 1], got {args.train_frac}")
+    if args.num_workers < 0:
+        raise utils.ConfigError(f"--num_workers must be >= 0, got {args.num_workers}")
+
+
+def setup(args: argparse.Namespace) -> str:
+    """Distributed mode, device, seeds and output folder; returns the precision to run at."""
+    utils.init_distributed_mode(args)
+    check_finetune_args(args)
+    utils.fix_random_seeds(args.seed)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    return utils.resolve_precision(args, args.device)
+
+
+def build_backbone(args: argparse.Namespace, in_chans: int) -> tuple[nn.Module, int]:
+    """``--arch`` with ``--pretrained_weights`` loaded through the shared strict loader ("none" = random)."""
+    try:
+        backbone, feat_dim = utils.build_backbone(args.arch, args.patch_size, in_chans)
+    except ValueError as err:
+        raise utils.ConfigError(str(err)) from None
+    utils.load_pretrained_weights(backbone, args.pretrained_weights, args.checkpoint_key)
+    return backbone, feat_dim
+
+
+def scaled_lr(args: argparse.Namespace) -> float:
+    """The linear scaling rule of DINO's evaluations: ``--lr`` x total batch / 256."""
+    return args.lr * args.batch_size_per_gpu * utils.get_world_size() / 256.0
+
+
+# ============================================================================================ data
+
+
+def subset_indices(n: int, frac: float, seed: int) -> list[int]:
+    """``frac`` of ``range(n)`` drawn WITHOUT replacement from ``seed``, sorted (METHOD.md bug 9)."""
+    if frac >= 1.0:
+        return list(range(n))
+    count = max(1, round(frac * n))
+    return sorted(np.random.default_rng(seed).choice(n, size=count, replace=False).tolist())
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every ``world_size``-th index from ``rank``: each sample is evaluated exactly once over all processes.
+
+    DistributedSampler pads the last shard with repeated samples, which would count them twice in the
+    metrics; the shards here may differ in length by one, which evaluation (no collective per batch) allows.
+    """
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loader(dataset, args: argparse.Namespace, train: bool) -> torch.utils.data.DataLoader:
+    """Train: shuffled per epoch from ``--seed`` (DistributedSampler, also in a plain process), last partial
+    batch dropped; evaluation: every sample exactly once, in order. Workers are not persistent: they are
+    re-seeded from the (re-seeded) torch generator every epoch, which makes resumed runs exact."""
+    if train:
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(), shuffle=True, seed=args.seed
+        )
+    else:
+        sampler = ShardSampler(len(dataset), utils.get_rank(), utils.get_world_size())
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers,
+        pin_memory=str(args.device).startswith("cuda"),
+        drop_last=train,
+    )
+    if train and len(loader) == 0:
+        raise utils.ConfigError(
+            f"the train split has {len(dataset)} samples, fewer than one batch of --batch_size_per_gpu "
+            f"{args.batch_size_per_gpu} x {utils.get_world_size()} processes"
+        )
+    return loader
+
+
+# ============================================================================================ task
+
+
+def classification_batch(model: nn.Module, batch: Any, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, targets)`` batches: the model's logits and the targets, on ``device``."""
+    images, targets = batch
+    return model(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
+
+
+@dataclass
+class Task:
+    """What differs between the supervised tasks.
+
+    ``forward(model, batch, device)`` returns (logits, targets) for ``criterion``; the metrics are updated
+    with ``activation(logits)`` (probabilities: torchmetrics guesses per batch whether floats are logits,
+    which could treat batches differently) and the targets. ``main_metric`` (a key of the computed
+    metrics, higher is better) selects ``checkpoint_best.pth``; ``summarize`` may add derived metrics.
+    """
+
+    criterion: nn.Module
+    metrics: torchmetrics.MetricCollection
+    main_metric: str
+    forward: Callable[[nn.Module, Any, str], tuple[torch.Tensor, torch.Tensor]] = classification_batch
+    activation: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid
+    summarize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+
+def to_python(value: Any) -> Any:
+    """Tensors -> floats or nested lists, so metrics can be written as JSON."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.ndim == 0 else value.tolist()
+    return value
+
+
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The single-number metrics (for the per-epoch log line)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+# ============================================================================================ loop
+
+
+def train_one_epoch(
+    model: nn.Module,
+    task: Task,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    scaler: torch.amp.GradScaler | None,
+    precision: str,
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """One pass over the train loader; returns the mean loss and the learning rate."""
+    model.train()
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    header = f"Epoch: [{epoch}/{args.epochs}]"
+    for batch in metric_logger.log_every(loader, args.print_freq, header):
+        with utils.autocast(precision, args.device):
+            logits, targets = task.forward(model, batch, args.device)
+            loss = task.criterion(logits.float(), targets)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            print(f"Loss is {loss_value} at epoch {epoch}: stopping; the last checkpoint is kept.", force=True)
+            sys.exit(1)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        metric_logger.update(loss=loss_value, lr=optimizer.param_groups[0]["lr"])
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, task: Task, loader: torch.utils.data.DataLoader, precision: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Metrics over the whole split (all processes' shards together), as Python numbers and lists.
+
+    Pass the model without its DDP wrapper: shards may differ by one batch, and DDP's forward could wait
+    on a collective that the shorter shard never joins.
+    """
+    model.eval()
+    task.metrics.reset()
+    task.metrics.to(args.device)
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    for batch in metric_logger.log_every(loader, args.print_freq, "Test:"):
+        with utils.autocast(precision, args.device):
+            logits, targets = task.forward(model, batch, args.device)
+            loss = task.criterion(logits.float(), targets)
+        task.metrics.update(task.activation(logits.float()), targets.long())  # torchmetrics wants integer labels
+        metric_logger.update(loss=loss.item())
+    metric_logger.synchronize_between_processes()
+    results = {k: to_python(v) for k, v in task.metrics.compute().items()}
+    results["loss"] = metric_logger.loss.global_avg if "loss" in metric_logger.meters else float("nan")
+    if task.summarize is not None:
+        results.update(task.summarize(results))
+    print("Evaluation:", "  ".join(f"{k} {v:.4f}" for k, v in scalars(results).items()))
+    return results
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    """Write JSON atomically (tmp file + rename), like the checkpoints, so a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _truncate_log(log_path: Path, start_epoch: int) -> None:
+    """Keep only the log lines of epochs before ``start_epoch`` (a kill between the log line and the
+    checkpoint of an epoch re-runs that epoch, which must not leave its line twice)."""
+    if not log_path.is_file():
+        return
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] < start_epoch]
+    log_path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def fit(
+    model: nn.Module,
+    task: Task,
+    train_loader: torch.utils.data.DataLoader,
+    eval_loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    precision: str,
+    args: argparse.Namespace,
+    checkpoint_module: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Train for ``args.epochs`` epochs, evaluating after each; resume from ``output_dir/checkpoint.pth``.
+
+    ``scheduler`` is stepped once per epoch. ``checkpoint_module`` is what the checkpoints hold (default:
+    the whole model; the linear probe saves only its classifier). Returns ``{"best": ..., "last": ...}``,
+    each ``{"epoch": int, "metrics": {...}}``, which is also written to ``output_dir/metrics.json``.
+    """
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_module = checkpoint_module if checkpoint_module is not None else model
+    scaler = utils.make_grad_scaler(precision, args.device)
+    train_model = model
+    if args.distributed:
+        on_cuda = str(args.device).startswith("cuda")
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if on_cuda else None)
+
+    state = {"epoch": 0, "best": None, "last": None}
+    utils.restart_from_checkpoint(
+        output_dir / "checkpoint.pth",
+        run_variables=state,
+        state_dict=checkpoint_module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+    )
+    start_epoch = state["epoch"]
+    log_path = output_dir / "log.txt"
+    if utils.is_main_process():
+        _truncate_log(log_path, start_epoch)
+    if start_epoch >= args.epochs:
+        print(f"The checkpoint in {output_dir} already finished {start_epoch} epochs; nothing to train.")
+
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        utils.fix_random_seeds(args.seed + epoch)  # a resumed run draws exactly what the uninterrupted one did
+        train_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(train_model, task, train_loader, optimizer, epoch, scaler, precision, args)
+        scheduler.step()
+        metrics = evaluate(model, task, eval_loader, precision, args)
+        state["last"] = {"epoch": epoch, "metrics": metrics}
+        best = state["best"]
+        is_best = best is None or metrics[task.main_metric] > best["metrics"][task.main_metric]
+        if is_best:
+            state["best"] = state["last"]
+        print(
+            f"Epoch {epoch}: {task.main_metric} {metrics[task.main_metric]:.4f} "
+            f"(best {state['best']['metrics'][task.main_metric]:.4f} at epoch {state['best']['epoch']})"
+        )
+
+        if utils.is_main_process():
+            log_stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
+            log_stats.update({f"val_{k}": v for k, v in scalars(metrics).items()})
+            with log_path.open("a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+            checkpoint = {
+                "state_dict": checkpoint_module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "best": state["best"],
+                "last": state["last"],
+                "args": vars(args),
+            }
+            if scaler is not None:
+                checkpoint["scaler"] = scaler.state_dict()
+            utils.save_checkpoint(checkpoint, output_dir / "checkpoint.pth")
+            if is_best:
+                utils.save_checkpoint(checkpoint, output_dir / "checkpoint_best.pth")
+            _write_json(
+                {"main_metric": task.main_metric, "best": state["best"], "last": state["last"]},
+                output_dir / "metrics.json",
+            )
+    total = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f"Training time {total}")
+    return {"best": state["best"], "last": state["last"]}
+
+
+def evaluate_checkpoint(
+    model: nn.Module,
+    task: Task,
+    eval_loader: torch.utils.data.DataLoader,
+    precision: str,
+    args: argparse.Namespace,
+    checkpoint_module: nn.Module | None = None,
+) -> dict[str, Any]:
+    """``--evaluate``: load ``checkpoint_module`` (default: the model) from the checkpoint and evaluate it.
+
+    The checkpoint is looked up as given, then inside ``output_dir``; a missing one is an error (never a
+    silent evaluation of the untrained model). Writes ``output_dir/evaluate.json``.
+    """
+    path = Path(args.evaluate)
+    if not path.is_file():
+        path = Path(args.output_dir) / args.evaluate
+    if not path.is_file():
+        raise utils.ConfigError(f"--evaluate: no checkpoint {args.evaluate} (nor {path})")
+    checkpoint_module = checkpoint_module if checkpoint_module is not None else model
+    checkpoint = utils.load_checkpoint_safely(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise utils.ConfigError(f"--evaluate {path}: not a checkpoint of this script (no 'state_dict' entry)")
+    try:
+        checkpoint_module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        raise utils.ConfigError(f"--evaluate {path} does not fit this model: {utils.one_line(err)}") from None
+    print(f"Evaluating {path} (trained for {checkpoint.get('epoch', '?')} epochs)")
+    metrics = evaluate(model, task, eval_loader, precision, args)
+    result = {"checkpoint": str(path), "epoch": checkpoint.get("epoch"), "metrics": metrics}
+    if utils.is_main_process():
+        _write_json(result, Path(args.output_dir) / "evaluate.json")
+    return result
+
+
+# ============================================================================================ reporting
+
+
+def save_confusion_matrix_png(matrix: list[list[int]], class_names: list[str], path: str | Path) -> Path:
+    """Confusion matrix (rows: true class, columns: predicted) as a PNG with the counts written in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(matrix)
+    size = max(4.0, 0.6 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = counts.max() / 2 if counts.size else 0
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            colour = "white" if counts[i, j] > threshold else "black"
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", color=colour, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+# ============================================================================================ models
+
+
+class Classifier(nn.Module):
+    """Backbone + linear head for full fine-tuning; the head starts as DINO's linear classifier does
+    (normal std 0.01, bias 0), so the first steps do not disturb the pretrained features much."""
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feat_dim, num_classes)
+        self.head.weight.data.normal_(mean=0.0, std=0.01)
+        self.head.bias.data.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
