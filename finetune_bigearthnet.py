@@ -1,0 +1,167 @@
+"""Multi-label fine-tuning on BigEarthNet-S2 v1.0 (19 classes), with mAP over the whole evaluation split.
+
+    python finetune_bigearthnet.py --arch resnet50 --pretrained_weights CKPT --data_path /data/BigEarthNet-v1.0 \
+        --split_dir /data/splits --train_frac 0.1 --output_dir runs/ben10
+
+Protocol (EVALUATION.md): the whole network + a 19-way linear head; MultiLabelSoftMarginLoss; RGB by default
+(``--bands`` for others), patches resized to 224 bicubic; ``--train_frac 0.1`` for the 10 % setting, drawn
+without replacement from the train split only, seeded, the chosen patches saved to
+``output_dir/train_patches.txt`` (METHOD.md bug 9). EVALUATION.md gives no optimizer for this task; the
+EuroSAT fine-tuning one is used (SGD momentum 0.9, lr 0.001 x batch / 256, cosine).
+
+Metrics (torchmetrics MultilabelAveragePrecision over every patch of the split, METHOD.md bug 8): mAP micro
+(the DINO-MC number), mAP macro and the AP of every class. A class with no positive patch in the split has no
+defined AP (torchmetrics would count it as 0): macro averages the classes that occur, and metrics.json lists
+the others. With no split files, every patch found is used for training AND evaluation, and the script says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchmetrics
+from torchmetrics import classification as tmc
+from torchvision.transforms import v2
+
+import engine
+import utils
+from datasets import DataError
+from datasets.bands import is_rgb, parse_bands
+from datasets.bigearthnet import CLASSES_19, BigEarthNet, save_patch_list
+from datasets.transforms import BICUBIC, Normalize
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("BigEarthNet fine-tuning", add_help=False)
+    utils.add_backbone_args(parser)
+    engine.add_finetune_args(parser, epochs=100, lr=0.001, batch_size=32)
+    parser.add_argument("--data_path", default=None, type=str, help="BigEarthNet-v1.0 folder or its parent.")
+    parser.add_argument(
+        "--split_dir",
+        default=None,
+        type=str,
+        help="Folder of the split lists (bigearthnet-{train,val,test}.txt or {train,val,test}.csv) and the "
+        "snow / cloud exclusion lists. Default: data_path, the patch folder and its parent.",
+    )
+    parser.add_argument("--eval_split", default="val", choices=["val", "test"], help="Split evaluated every epoch.")
+    parser.add_argument("--input_size", default=224, type=int, help="Side the 120x120 patches are resized to.")
+    parser.add_argument("--weight_decay", default=0.0, type=float, help="SGD weight decay.")
+    return parser
+
+
+def stretch_normalize(image: torch.Tensor) -> torch.Tensor:
+    """Z-score of a non-RGB band after the reader's stretch, which maps mean +- 2 std to 0..255."""
+    return (image.float() - 127.5) / 63.75
+
+
+def build_transforms(bands: list[str], size: int) -> tuple[v2.Compose, v2.Compose]:
+    """Resize to ``size`` bicubic (+ flips for training); RGB takes ImageNet statistics, other bands
+    :func:`stretch_normalize`."""
+    normalize = Normalize(bands) if is_rgb(bands) else stretch_normalize
+    resize = v2.Resize((size, size), interpolation=BICUBIC, antialias=True)
+    train = v2.Compose([resize, v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), normalize])
+    return train, v2.Compose([resize, normalize])
+
+
+def build_datasets(args: argparse.Namespace) -> tuple[BigEarthNet, BigEarthNet, list[str]]:
+    if args.data_path is None or not Path(args.data_path).is_dir():
+        raise utils.ConfigError(f"--data_path {args.data_path} is not a folder (expected BigEarthNet-v1.0)")
+    try:
+        bands = parse_bands(args.bands)
+        train_tf, eval_tf = build_transforms(bands, args.input_size)
+        frac = args.train_frac if args.train_frac < 1.0 else None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train = BigEarthNet(
+                args.data_path, "train", bands, train_tf, args.split_dir, train_frac=frac, seed=args.seed
+            )
+            evaluation = BigEarthNet(args.data_path, args.eval_split, bands, eval_tf, args.split_dir)
+    except DataError:
+        raise
+    except ValueError as err:
+        raise utils.ConfigError(str(err)) from None
+    for warning in caught:
+        print(f"WARNING: {warning.message}")
+    if train.split_file is None:
+        print(f"WARNING: no split files: training and evaluating on the same {len(evaluation)} patches")
+    if len(evaluation) == 0:
+        raise DataError(f"the {args.eval_split} split of {args.data_path} has no patch with a 19-class label")
+    if frac is not None and utils.is_main_process():
+        path = save_patch_list(train.patches, Path(args.output_dir) / "train_patches.txt")
+        print(f"--train_frac {frac}: {len(train)} train patches drawn without replacement, listed in {path}")
+    print(f"BigEarthNet: {len(train)} train / {len(evaluation)} {args.eval_split} patches, bands {','.join(bands)}")
+    return train, evaluation, bands
+
+
+def multilabel_task(eval_targets: torch.Tensor) -> engine.Task:
+    """mAP micro (main metric) and per-class AP; ``eval_targets`` (the whole split) tells which classes occur."""
+    present = eval_targets.sum(dim=0) > 0
+
+    def summarize(metrics: dict) -> dict:
+        per_class = torch.tensor(metrics["ap_per_class"])
+        return {
+            "mAP_macro": per_class[present].mean().item(),
+            "ap_per_class": {
+                name: (ap if ok else None) for name, ap, ok in zip(CLASSES_19, per_class.tolist(), present.tolist())
+            },
+            "classes_without_positives": [name for name, ok in zip(CLASSES_19, present.tolist()) if not ok],
+        }
+
+    return engine.Task(
+        criterion=nn.MultiLabelSoftMarginLoss(),
+        metrics=torchmetrics.MetricCollection(
+            {
+                "mAP_micro": tmc.MultilabelAveragePrecision(len(CLASSES_19), average="micro"),
+                "ap_per_class": tmc.MultilabelAveragePrecision(len(CLASSES_19), average=None),
+            }
+        ),
+        main_metric="mAP_micro",
+        activation=torch.sigmoid,
+        summarize=summarize,
+    )
+
+
+def print_ap_table(metrics: dict) -> None:
+    print(f"{'class':<90s} AP (%)")
+    for name, ap in metrics["ap_per_class"].items():
+        print(f"{name:<90s} {'n/a (no positive patch)' if ap is None else f'{100 * ap:6.2f}'}")
+    print(f"mAP micro {100 * metrics['mAP_micro']:.2f}  macro {100 * metrics['mAP_macro']:.2f}")
+
+
+def main(args: argparse.Namespace) -> dict:
+    # Absent classes are reported once, in the AP table and metrics.json, rather than by torchmetrics every epoch.
+    warnings.filterwarnings("ignore", message="No positive samples found in target")
+    precision = engine.setup(args)
+    train_set, eval_set, bands = build_datasets(args)
+    backbone, feat_dim = engine.build_backbone(args, in_chans=len(bands))
+    model = engine.Classifier(backbone, feat_dim, len(CLASSES_19)).to(args.device)
+    task = multilabel_task(torch.from_numpy(eval_set.targets))
+    eval_loader = engine.make_loader(eval_set, args, train=False)
+
+    if args.evaluate is not None:
+        result = engine.evaluate_checkpoint(model, task, eval_loader, precision, args)
+        print_ap_table(result["metrics"])
+        return result
+    train_loader = engine.make_loader(train_set, args, train=True)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=engine.scaled_lr(args), momentum=0.9, weight_decay=args.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
+    result = engine.fit(model, task, train_loader, eval_loader, optimizer, scheduler, precision, args)
+    print_ap_table(result["last"]["metrics"])
+    best = result["best"]
+    print(f"Best mAP micro {100 * best['metrics']['mAP_micro']:.2f} at epoch {best['epoch']}")
+    return result
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Command-line entry: bad arguments or bad data end with one line and exit code 2."""
+    utils.run_cli("BigEarthNet fine-tuning", get_args_parser, main, argv)
+
+
+if __name__ == "__main__":
+    run()

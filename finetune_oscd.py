@@ -1,0 +1,217 @@
+"""Change detection on OSCD with a Siamese U-Net on a pretrained (frozen) encoder, as in SeCo / DINO-MC.
+
+    python finetune_oscd.py --arch resnet50 --pretrained_weights CKPT --data_path /data/OSCD --output_dir runs/oscd
+
+Protocol (EVALUATION.md): 96x96 tiles (edge tiles zero-padded), random flips and 90-degree rotations; the
+encoder is frozen unless ``--finetune_encoder``; BCEWithLogits; Adam lr 0.003 (not scaled with the batch),
+weight decay 1e-4, ExponentialLR 0.95 per epoch, 50 epochs, batch 32, seed 42. Precision, recall, F1 and IoU
+of the change class at probability 0.5 are counted over ALL valid test pixels (padding excluded), not
+averaged per batch (METHOD.md bug 8). Writes ``metrics.json`` (with the F1 of predicting change everywhere,
+the trivial baseline) and one full-size change map per test city in ``output_dir/change_maps/<city>.png``.
+See segmentation.py for the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torchmetrics
+from PIL import Image
+from torchmetrics import classification as tmc
+
+import engine
+import utils
+from datasets import DataError
+from datasets.bands import IMAGENET_MEAN, IMAGENET_STD, is_rgb, parse_bands
+from datasets.oscd import OSCD, stitch_tiles
+from segmentation import SiameseUNet
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("OSCD change detection", add_help=False)
+    utils.add_backbone_args(parser, arch="resnet50")
+    engine.add_finetune_args(parser, epochs=50, lr=0.003, batch_size=32, seed=42, lr_scaled=False)
+    parser.add_argument("--data_path", default=None, type=str, help="OSCD root (archive or DINO-MC layout).")
+    parser.add_argument("--tile_size", default=96, type=int, help="Side of the square tiles cut from each city.")
+    parser.add_argument(
+        "--finetune_encoder",
+        default=False,
+        type=utils.bool_flag,
+        help="Train the encoder too (default: frozen, only the U-Net decoder learns).",
+    )
+    parser.add_argument("--weight_decay", default=1e-4, type=float, help="Adam weight decay.")
+    parser.add_argument("--lr_gamma", default=0.95, type=float, help="ExponentialLR factor per epoch.")
+    return parser
+
+
+class BandNormalize(nn.Module):
+    """Standardise the [0, 1] stretched OSCD bands: ImageNet statistics for B4,B3,B2 (what RGB backbones
+    were pretrained with), else (v - 0.5) / 0.25, since the reader maps mean +- 2 std of a band to [0, 1]."""
+
+    def __init__(self, bands: list[str]):
+        super().__init__()
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if is_rgb(bands) else ([0.5] * len(bands), [0.25] * len(bands))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class ChangeDetector(nn.Module):
+    """Normalisation + Siamese U-Net, so a checkpoint holds everything that maps raw tiles to logits."""
+
+    def __init__(self, backbone: nn.Module, bands: list[str], freeze_encoder: bool):
+        super().__init__()
+        self.normalize = BandNormalize(bands)
+        self.unet = SiameseUNet(backbone, len(bands), freeze_encoder=freeze_encoder)
+
+    def forward(self, img1: torch.Tensor, img2: torch.Tensor) -> torch.Tensor:
+        return self.unet(self.normalize(img1), self.normalize(img2))
+
+
+def tile_logits(model: nn.Module, batch: dict, device: str) -> torch.Tensor:
+    return model(batch["img1"].to(device, non_blocking=True), batch["img2"].to(device, non_blocking=True))
+
+
+def masked_pixels(model: nn.Module, batch: dict, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of the valid pixels only: the zero padding of edge tiles is neither trained nor scored."""
+    mask = batch["mask"].to(device, non_blocking=True)
+    labels = batch["label"].to(device, non_blocking=True)
+    return tile_logits(model, batch, device)[mask], labels[mask]
+
+
+class ChangeFraction(torchmetrics.Metric):
+    """Fraction of change pixels among the scored ones, accumulated and synchronised like the other metrics."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("positives", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.positives += target.sum()
+        self.total += target.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.positives / self.total).float()
+
+
+def add_baseline(metrics: dict) -> dict:
+    """F1 of predicting change everywhere (precision = change fraction p, recall 1): 2p / (1 + p)."""
+    p = metrics["change_fraction"]
+    return {"all_change_f1": 2 * p / (1 + p)}
+
+
+def change_task() -> engine.Task:
+    return engine.Task(
+        criterion=nn.BCEWithLogitsLoss(),
+        metrics=torchmetrics.MetricCollection(
+            {
+                "precision": tmc.BinaryPrecision(threshold=0.5),
+                "recall": tmc.BinaryRecall(threshold=0.5),
+                "f1": tmc.BinaryF1Score(threshold=0.5),
+                "iou": tmc.BinaryJaccardIndex(threshold=0.5),
+                "change_fraction": ChangeFraction(),
+            }
+        ),
+        main_metric="f1",
+        forward=masked_pixels,
+        activation=torch.sigmoid,
+        summarize=add_baseline,
+    )
+
+
+def build_datasets(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, OSCD, list[str]]:
+    if args.data_path is None or not Path(args.data_path).is_dir():
+        raise utils.ConfigError(f"--data_path {args.data_path} is not a folder (expected an OSCD root)")
+    if args.tile_size < 32:
+        raise utils.ConfigError(f"--tile_size {args.tile_size}: expected >= 32 (the encoder downsamples 32x)")
+    try:
+        bands = parse_bands(args.bands)
+        train = OSCD(args.data_path, "train", bands, tile_size=args.tile_size, augment=True)
+        test = OSCD(args.data_path, "test", bands, tile_size=args.tile_size, augment=False)
+    except DataError:
+        raise
+    except ValueError as err:
+        raise utils.ConfigError(str(err)) from None
+    print(
+        f"OSCD: {len(train.cities)} train cities ({len(train)} tiles), {len(test.cities)} test cities "
+        f"({len(test)} tiles), bands {','.join(bands)}"
+    )
+    indices = engine.subset_indices(len(train), args.train_frac, args.seed)
+    if len(indices) < len(train):
+        if utils.is_main_process():
+            lines = [f"{city},{row},{col}\n" for city, row, col in (train.tiles[i] for i in indices)]
+            (Path(args.output_dir) / "train_tiles.txt").write_text("".join(lines))
+        print(f"--train_frac {args.train_frac}: {len(indices)} of {len(train)} train tiles (train_tiles.txt)")
+        return torch.utils.data.Subset(train, indices), test, bands
+    return train, test, bands
+
+
+@torch.no_grad()
+def save_change_maps(model: nn.Module, test: OSCD, args: argparse.Namespace, precision: str) -> list[Path]:
+    """Predict every test tile, stitch each city back to its full size, write ``change_maps/<city>.png``
+    (255 = change at probability >= 0.5)."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(test, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers)
+    tiles: dict[str, list] = {city: [] for city in test.cities}
+    for batch in loader:
+        with utils.autocast(precision, args.device):
+            logits = tile_logits(model, batch, args.device).float().cpu()
+        for logit, city, row, col in zip(logits, batch["city"], batch["row"].tolist(), batch["col"].tolist()):
+            tiles[city].append((logit, row, col))
+    out_dir = Path(args.output_dir) / "change_maps"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for city, items in tiles.items():
+        stacked = torch.stack([logit for logit, _, _ in items])
+        full = stitch_tiles(stacked, [r for _, r, _ in items], [c for _, _, c in items], test.city_shape(city))
+        change = (full[0] > 0).numpy().astype(np.uint8) * 255
+        path = out_dir / f"{city}.png"
+        Image.fromarray(change).save(path)
+        written.append(path)
+    print(f"Change maps of {len(written)} test cities written to {out_dir}")
+    return written
+
+
+def main(args: argparse.Namespace) -> dict:
+    precision = engine.setup(args)
+    train_set, test_set, bands = build_datasets(args)
+    backbone, _ = engine.build_backbone(args, in_chans=len(bands))
+    try:
+        model = ChangeDetector(backbone, bands, freeze_encoder=not args.finetune_encoder).to(args.device)
+    except ValueError as err:
+        raise utils.ConfigError(f"--arch {args.arch}: {err}") from None
+    task = change_task()
+    eval_loader = engine.make_loader(test_set, args, train=False)
+
+    if args.evaluate is not None:
+        result = engine.evaluate_checkpoint(model, task, eval_loader, precision, args)
+    else:
+        train_loader = engine.make_loader(train_set, args, train=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_gamma)
+        result = engine.fit(model, task, train_loader, eval_loader, optimizer, scheduler, precision, args)
+    if utils.is_main_process():
+        save_change_maps(model, test_set, args, precision)
+        final = result["metrics"] if args.evaluate is not None else result["last"]["metrics"]
+        print(
+            f"Change class: precision {final['precision']:.4f} recall {final['recall']:.4f} F1 {final['f1']:.4f} "
+            f"IoU {final['iou']:.4f} (all-change baseline F1 {final['all_change_f1']:.4f})"
+        )
+    return result
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Command-line entry: bad arguments or bad data end with one line and exit code 2."""
+    utils.run_cli("OSCD change detection", get_args_parser, main, argv)
+
+
+if __name__ == "__main__":
+    run()
