@@ -20,6 +20,9 @@ demo: venv
 		--output_dir $(DEMO_DIR)/pretrain --epochs $(DEMO_EPOCHS) --batch_size_per_gpu 16 --out_dim 4096 \
 		--warmup_epochs 1 --lr 0.002 --num_workers 2 --seed 0 --print_freq 5 \
 		--global_crops_scale 0.32 1 --local_crops_number 4
+	$(PY) eval_knn.py --arch vit_tiny --patch_size 16 --pretrained_weights $(DEMO_DIR)/pretrain/checkpoint.pth \
+		--compare_random --data_path $(DEMO_DIR)/eurosat --output_dir $(DEMO_DIR)/knn --nb_knn 5 10 20 \
+		--batch_size_per_gpu 32 --num_workers 2
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -803,35 +803,37 @@ def resolve_weights_path(spec: str, cache: str | Path | None = None) -> Path:
     return path
 
 
-def _numpy_array_globals() -> list:
-    """What unpickling a numpy array needs: this project's checkpoints carry numpy's RNG state (exact resume).
+def _numpy_globals() -> list:
+    """What unpickling numpy arrays and scalars needs. DINO-style checkpoints hold both: the optimizer's
+    ``lr`` / ``weight_decay`` are numpy floats taken from the schedules, and this project's checkpoints carry
+    numpy's RNG state (exact resume).
 
-    These rebuild plain arrays from bytes and a dtype; they call nothing given by the file, so allowing them
+    These rebuild plain values from bytes and a dtype; they call nothing named by the file, so allowing them
     keeps the guarantee of weights_only loading.
     """
     try:
-        from numpy._core.multiarray import _reconstruct
+        from numpy._core.multiarray import _reconstruct, scalar
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        from numpy.core.multiarray import _reconstruct, scalar
+    return [_reconstruct, scalar, np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64))]
 
 
 def load_checkpoint_safely(path: str | Path) -> Any:
     """``torch.load(weights_only=True)``: tensors, containers and the few allowlisted classes only.
 
-    Published DINO / DINO-MC checkpoints store ``args`` as an ``argparse.Namespace``, which is allowlisted;
-    anything else a pickle asks for (a function to call, a class to build) is refused before it can run,
-    so a downloaded file cannot execute code on load.
+    Published DINO / DINO-MC checkpoints store ``args`` as an ``argparse.Namespace``, which is allowlisted
+    with numpy's array and scalar constructors; anything else a pickle asks for (a function to call, a class
+    to build) is refused before it can run, so a downloaded file cannot execute code on load.
     """
     try:
-        with torch.serialization.safe_globals([argparse.Namespace, *_numpy_array_globals()]):
+        with torch.serialization.safe_globals([argparse.Namespace, *_numpy_globals()]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f"it asks for {unsafe.group(1)}" if unsafe else one_line(err)
         raise ConfigError(
             f"refusing to load {path}: {what}, which could run code while unpickling "
-            "(only tensors, plain containers and argparse.Namespace are accepted)"
+            "(only tensors, plain containers, numpy values and argparse.Namespace are accepted)"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise ConfigError(f"cannot read checkpoint {path}: {one_line(err)}") from None
