@@ -68,7 +68,7 @@ def oscd_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("oscd")
     write_planted_oscd(tmp / "data")
     out = tmp / "out"
-    finetune_oscd.run([*FAST, "--data_path", str(tmp / "data"), "--output_dir", str(out), "--epochs", "4"])
+    finetune_oscd.run([*FAST, "--data_path", str(tmp / "data"), "--output_dir", str(out), "--epochs", "3"])
     return tmp / "data", out
 
 
