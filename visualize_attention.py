@@ -193,13 +193,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def run(argv: list[str] | None = None) -> None:
-    """Command-line entry: parse, then report bad arguments or bad data as one line with exit code 2."""
-    parser = argparse.ArgumentParser("DINO-MC attention maps", parents=[get_args_parser()])
-    args = parser.parse_args(argv)
-    try:
-        main(args)
-    except (DataError, utils.ConfigError) as err:
-        utils.fail(utils.one_line(err))
+    utils.run_cli("DINO-MC attention maps", get_args_parser, main, argv)
 
 
 if __name__ == "__main__":
