@@ -335,8 +335,8 @@ class MultiCropWrapper(nn.Module):
     Consecutive crops of equal size are concatenated into one batch (DINO's scheme); the features come back
     in crop order, so the output is (n_crops * B, out_dim) with crop i at rows [i*B, (i+1)*B).
     With ``pack_crops`` (default) a ViT runs all the size groups in ONE packed pass
-    (``VisionTransformer.forward_packed``: same result, measured 1.1-1.2x faster per DINO-MC step on CPU,
-    see benchmarks/); other backbones, or ``pack_crops=False``, get one pass per group as in DINO.
+    (``VisionTransformer.forward_packed``: same result, fewer and larger matrix products; figures in
+    benchmarks/README.md); other backbones, or ``pack_crops=False``, get one pass per group as in DINO.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, pack_crops: bool = True):

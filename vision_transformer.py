@@ -9,7 +9,9 @@ Differences from the original code, none of which changes the maths or the check
   kernels where the device has them) instead of an explicit softmax(QK^T) matrix;
 - position embeddings are resampled with timm's ``resample_abs_pos_embed`` to the exact patch grid of any
   input, square or not, instead of DINO's ``scale_factor`` with a +0.1 float offset;
-- any number of input channels (``in_chans``), for multispectral Sentinel-2 input.
+- any number of input channels (``in_chans``), for multispectral Sentinel-2 input;
+- ``forward_packed`` runs crops of several sizes through the blocks in one pass (sequence packing), which
+  DINO-MC's multi-crop wrapper uses instead of one pass per crop size.
 """
 
 from __future__ import annotations
@@ -57,6 +59,22 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
+    def forward_packed(self, x: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+        """Attention over packed tokens: ``x`` (T, C) holds groups of B sequences of N tokens end to end.
+
+        The qkv and output projections run once over all T tokens; attention runs per group, so a token only
+        attends to the tokens of its own crop (exactly what ``forward`` computes per group).
+        """
+        T, C = x.shape
+        qkv = self.qkv(x)
+        dropout = self.attn_drop if self.training else 0.0
+        out = []
+        # split, not slicing: its backward is one concatenation instead of a zero-filled (T, 3C) gradient per group
+        for part, (B, N) in zip(qkv.split([B * N for B, N in segments]), segments):
+            q, k, v = part.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+            out.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout).transpose(1, 2).reshape(B * N, C))
+        return self.proj_drop(self.proj(torch.cat(out)))
+
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """The softmax attention matrix (B, heads, N, N); SDPA does not expose it, so it is computed here."""
         q, k, _ = self._qkv(x)
@@ -85,6 +103,22 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), attn_mask=attn_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward_packed(self, x: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+        """``forward`` on packed tokens (T, C): norms and MLP are token-wise, so they run once on all tokens."""
+        x = x + self._packed_drop_path(self.attn.forward_packed(self.norm1(x), segments), segments)
+        return x + self._packed_drop_path(self.mlp(self.norm2(x)), segments)
+
+    def _packed_drop_path(self, branch: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+        """Stochastic depth per sample (as timm's DropPath), its keep/scale factor repeated over the sample's tokens."""
+        if not self.training or not isinstance(self.drop_path, DropPath) or self.drop_path.drop_prob == 0.0:
+            return branch
+        keep_prob = 1.0 - self.drop_path.drop_prob
+        scale = branch.new_empty(sum(B for B, _ in segments)).bernoulli_(keep_prob)
+        if keep_prob > 0.0 and self.drop_path.scale_by_keep:
+            scale.div_(keep_prob)
+        tokens = torch.tensor([N for B, N in segments for _ in range(B)], device=branch.device)
+        return branch * scale.repeat_interleave(tokens, output_size=branch.shape[0]).unsqueeze(1)
 
 
 class PatchEmbed(nn.Module):
@@ -170,6 +204,26 @@ class VisionTransformer(nn.Module):
             x = blk(x)
         return self.norm(x)[:, 0]
 
+    def forward_packed(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        """CLS features of several batches of crops of different sizes (in order), in ONE pass through the blocks.
+
+        Why: DINO-MC's local crops all differ in size, so ``forward`` per size runs the twelve blocks seven times
+        on small batches. Every operation of a block but attention is token-wise, so the tokens of all crops are
+        laid end to end in one (T, D) matrix: each linear layer, norm and MLP runs once, with bigger matrix
+        products and seven times fewer calls; attention runs per crop size over its own tokens. The result is
+        ``torch.cat([self(x) for x in crops])`` up to floating-point rounding.
+        """
+        tokens = [self.prepare_tokens(x) for x in crops]
+        segments = [(t.shape[0], t.shape[1]) for t in tokens]
+        x = torch.cat([t.reshape(-1, self.embed_dim) for t in tokens])
+        for blk in self.blocks:
+            x = blk.forward_packed(x, segments)
+        cls_rows, start = [], 0
+        for B, N in segments:
+            cls_rows.append(torch.arange(start, start + B * N, N, device=x.device))
+            start += B * N
+        return self.norm(x[torch.cat(cls_rows)])
+
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Attention matrix of the last block, (B, heads, 1 + N, 1 + N); row 0 is the CLS token's attention."""
         x = self.prepare_tokens(x)
@@ -224,8 +278,10 @@ class WeightNormLinear(nn.Module):
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
-        return F.linear(x, weight)
+        # x @ (g * v / ||v||)^T computed as (x @ v^T) * (g / ||v||)^T: the same product, without materialising
+        # the normalised (out, in) weight (16.7M values for DINO's 65536 prototypes) forward and backward.
+        scale = (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)).squeeze(1)
+        return F.linear(x, self.weight_v) * scale
 
 
 class DINOHead(nn.Module):

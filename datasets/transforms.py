@@ -99,8 +99,66 @@ def _rand() -> float:
 def _random_blur(image: torch.Tensor) -> torch.Tensor:
     """Gaussian blur with sigma uniform in [0.1, 2.0] and a kernel wide enough for it (+-3 sigma)."""
     sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * _rand()
-    kernel = 2 * math.ceil(3.0 * sigma) + 1
-    return F.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+    return gaussian_blur(image, 2 * math.ceil(3.0 * sigma) + 1, sigma)
+
+
+def gaussian_blur(image: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
+    """torchvision's ``gaussian_blur`` (same kernel, reflect padding) as two 1-D passes instead of one 2-D one.
+
+    The 2-D Gaussian kernel is the outer product of the 1-D one, so a row pass then a column pass give the
+    same image with 2k instead of k^2 multiply-adds per pixel (13 px kernels: 6x fewer).
+    """
+    half = (kernel - 1) * 0.5
+    weights = torch.linspace(-half, half, kernel).div_(sigma).pow_(2).mul_(-0.5).exp_()
+    weights = weights.div_(weights.sum())
+    channels, pad = image.shape[-3], kernel // 2
+    x = torch.nn.functional.pad(image.unsqueeze(0), [pad, pad, pad, pad], mode="reflect")
+    x = torch.nn.functional.conv2d(x, weights.view(1, 1, 1, -1).expand(channels, 1, 1, kernel), groups=channels)
+    x = torch.nn.functional.conv2d(x, weights.view(1, 1, -1, 1).expand(channels, 1, kernel, 1), groups=channels)
+    return x.squeeze(0)
+
+
+def adjust_hue(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
+    """torchvision's ``adjust_hue`` on a float RGB image in [0, 1]: rotate the HSV hue, keep S and V.
+
+    Same hue as torchvision's RGB->HSV, but back to RGB in closed form, c = max - min (the chroma):
+    channel n in (R 5, G 3, B 1) = max - c * clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6. torchvision builds
+    six masks and gathers instead; this is ~2x faster, and hue is the costliest step of the colour jitter.
+    """
+    r, g, _ = image.unbind(dim=-3)
+    minc, maxc = torch.aminmax(image, dim=-3)
+    chroma = maxc - minc
+    divisor = torch.where(chroma == 0, torch.ones_like(chroma), chroma).unsqueeze(-3)
+    rc, gc, bc = ((maxc.unsqueeze(-3) - image) / divisor).unbind(dim=-3)
+    is_r = maxc == r
+    is_g = (maxc == g) & ~is_r
+    hue = torch.where(is_r, bc - gc, torch.where(is_g, 2.0 + rc - bc, 4.0 + gc - rc))
+    sextant = hue.add_(6.0 * hue_factor).unsqueeze(-3) + _HUE_OFFSETS
+    sextant = sextant.remainder_(6.0)
+    ramp = torch.minimum(sextant, 4.0 - sextant).clamp_(0.0, 1.0)
+    return maxc.unsqueeze(-3) - chroma.unsqueeze(-3) * ramp
+
+
+_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
+
+
+class ColorJitter:
+    """``v2.ColorJitter(brightness, contrast, saturation, hue)`` on float RGB in [0, 1], with the fast ``adjust_hue``.
+
+    Same random draws in the same order as torchvision (a permutation of the four operations, then one factor
+    per operation) and torchvision's brightness, contrast and saturation kernels.
+    """
+
+    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float):
+        self.ranges = [(max(0.0, 1.0 - f), 1.0 + f) for f in (brightness, contrast, saturation)] + [(-hue, hue)]
+        self.ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, adjust_hue)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        order = torch.randperm(4).tolist()
+        factors = [float(torch.empty(1).uniform_(lo, hi)) for lo, hi in self.ranges]
+        for i in order:
+            image = self.ops[i](image, factors[i])
+        return image
 
 
 def _band_jitter(image: torch.Tensor, brightness: float, contrast: float) -> torch.Tensor:
@@ -198,10 +256,7 @@ class MultiCropAugmentation:
         self.n_local = len(local_sizes)
         self.crop_sizes = [v.size for v in self.views]
         self.crop_scales = [v.scale for v in self.views]
-        self._jitters = {
-            j: v2.ColorJitter(brightness=j[0], contrast=j[1], saturation=j[2], hue=j[3])
-            for j in (DINO_JITTER, MC_LOCAL_JITTER, TP_JITTER)
-        }
+        self._jitters = {j: ColorJitter(*j) for j in (DINO_JITTER, MC_LOCAL_JITTER, TP_JITTER)}
 
     @staticmethod
     def _smallest_sizes(size_crops: list[int], number: int) -> list[int]:

@@ -1,0 +1,224 @@
+"""Images per second per data-loading worker: read a SeCo-layout sample and make all its crops.
+
+    python benchmarks/data_pipeline.py                      # generated demo data, modes mc dino tp, RGB and ALL
+    python benchmarks/data_pipeline.py --data_path SECO --modes mc --bands RGB
+
+One JSON line per (mode, bands). ``imgs_per_s`` is this project's pipeline (``SeCoDataset`` +
+``MultiCropAugmentation``: each band decoded once per sample, crops cut from the uint8 tensor and resized alone);
+``pil_imgs_per_s`` is the published way on the same files: the decoded sample turned into PIL images and
+torchvision's PIL transforms run crop by crop (and, for non-RGB bands, which PIL cannot hold in one image,
+band by band). Both decode the GeoTIFFs the same way, so the ratio is the cost of the augmentation design;
+``load_ms`` / ``augment_ms`` split this project's time per sample.
+
+A DataLoader worker runs single-threaded (torch sets one thread per worker), so the benchmark does too
+(``--threads 1``): the figure is per worker, and a loader with N workers on N free cores scales it by ~N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import utils  # noqa: E402
+from datasets.bands import parse_bands  # noqa: E402
+from datasets.demo import write_seco_demo  # noqa: E402
+from datasets.seco import SeCoDataset  # noqa: E402
+from datasets.transforms import (  # noqa: E402
+    BLUR_SIGMA,
+    CROP_RATIO,
+    MultiCropAugmentation,
+    Normalize,
+    _band_jitter,
+)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("DINO-MC data-pipeline benchmark")
+    parser.add_argument("--data_path", default=None, help="SeCo-layout root; default: generate demo data.")
+    parser.add_argument("--n_locations", default=8, type=int, help="Locations of the generated data.")
+    parser.add_argument("--modes", nargs="+", default=["mc", "dino", "tp"], choices=["dino", "mc", "tp"])
+    parser.add_argument("--bands", nargs="+", default=["RGB", "ALL"], help="Band selections to measure.")
+    parser.add_argument("--samples", default=24, type=int, help="Timed samples per configuration.")
+    parser.add_argument("--warmup", default=2, type=int, help="Untimed samples first.")
+    parser.add_argument("--threads", default=1, type=int, help="torch threads (1 = one DataLoader worker).")
+    parser.add_argument("--seed", default=0, type=int)
+    return parser
+
+
+class PILBlur:
+    """Published DINO GaussianBlur: PIL's filter with a radius uniform in [0.1, 2.0], with probability p."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if torch.rand(()) >= self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(*BLUR_SIGMA))))
+
+
+class PILSolarize:
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img) if torch.rand(()) < self.p else img
+
+
+class PILPerCrop:
+    """The published multi-crop augmentation on PIL images, one torchvision pipeline per crop.
+
+    RGB: DINO-MC's DataAugmentation (RandomResizedCrop bicubic, flip, ColorJitter, grayscale, PIL blur,
+    solarize, ToTensor, Normalize) on one RGB PIL image. Other bands: each band a PIL "L" image; every crop
+    draws its crop box once and crops, resizes, flips and blurs band by band, then applies the same per-band
+    brightness / contrast as this project's pipeline, so both do the same work.
+    """
+
+    def __init__(self, aug: MultiCropAugmentation):
+        self.aug = aug
+        self.normalize = Normalize(aug.bands, max_value=1.0)
+
+    def _rgb_pipeline(self, view) -> T.Compose:
+        a = view.augment
+        steps = [T.RandomResizedCrop(view.size, scale=view.scale, ratio=CROP_RATIO, interpolation=Image.BICUBIC)]
+        steps.append(T.RandomHorizontalFlip(a.flip_p))
+        if a.jitter is not None:
+            steps.append(T.RandomApply([T.ColorJitter(*a.jitter)], p=a.jitter_p))
+        steps += [T.RandomGrayscale(a.gray_p), PILBlur(a.blur_p), PILSolarize(a.solarize_p), T.ToTensor()]
+        return T.Compose(steps)
+
+    def _band_ops(self, bands: list[Image.Image], augment) -> torch.Tensor:
+        """Flip and blur band by band with one draw for the image, then the per-band brightness / contrast."""
+        flip = bool(torch.rand(()) < augment.flip_p)
+        blur = bool(augment.blur_p and torch.rand(()) < augment.blur_p)
+        radius = float(torch.empty(()).uniform_(*BLUR_SIGMA))
+        out = []
+        for img in bands:
+            if flip:
+                img = ImageOps.mirror(img)
+            if blur:
+                img = img.filter(ImageFilter.GaussianBlur(radius=radius))
+            out.append(T.functional.to_tensor(img))
+        image = torch.cat(out)
+        if augment.jitter is not None and torch.rand(()) < augment.jitter_p:
+            image = _band_jitter(image, augment.jitter[0], augment.jitter[1])
+        return image
+
+    def _band_crop(self, bands: list[Image.Image], view) -> torch.Tensor:
+        i, j, h, w = T.RandomResizedCrop.get_params(bands[0], view.scale, CROP_RATIO)
+        size = (view.size, view.size)
+        return self._band_ops([b.crop((j, i, j + w, i + h)).resize(size, Image.BICUBIC) for b in bands], view.augment)
+
+    def _pil(self, image: torch.Tensor) -> Image.Image | list[Image.Image]:
+        array = image.numpy()
+        if self.aug.rgb:
+            return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)))
+        return [Image.fromarray(band) for band in array]
+
+    def _whole_image(self, image: Image.Image | list[Image.Image]) -> Image.Image | list[Image.Image]:
+        """DINO-TP's aug() of a whole acquisition before it is cropped."""
+        a = self.aug.tp_augment
+        if self.aug.rgb:
+            jitter = T.RandomApply([T.ColorJitter(*a.jitter)], p=a.jitter_p)
+            steps = [T.RandomHorizontalFlip(a.flip_p), jitter, T.RandomGrayscale(a.gray_p), PILBlur(a.blur_p)]
+            return T.Compose(steps)(image)
+        values = self._band_ops(image, a).mul_(255.0).round_().to(torch.uint8).numpy()
+        return [Image.fromarray(band) for band in values]
+
+    def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        pil = [self._pil(image) for image in images]
+        sources = [pil[0]] * len(self.aug.views)
+        if self.aug.data_mode == "tp":
+            t0, t1, t2 = pil
+            sources = [self._whole_image(t1), t2, self._whole_image(t0)] + [t0] * self.aug.n_local
+        crops = []
+        for source, view in zip(sources, self.aug.views):
+            if self.aug.rgb:
+                crops.append(self._rgb_pipeline(view)(source))
+            else:
+                crops.append(self._band_crop(source, view))
+        return [self.normalize(c) for c in crops]
+
+
+def time_samples(dataset: SeCoDataset, samples: int, warmup: int) -> tuple[float, float]:
+    """Seconds per sample, total and in the augmentation alone (the rest is reading and decoding)."""
+    n = len(dataset)
+    for i in range(warmup):
+        dataset[i % n]
+    transform, augment_s = dataset.transform, 0.0
+
+    def timed(images):
+        nonlocal augment_s
+        start = time.perf_counter()
+        out = transform(images)
+        augment_s += time.perf_counter() - start
+        return out
+
+    dataset.transform = timed
+    start = time.perf_counter()
+    for i in range(samples):
+        dataset[i % n]
+    total = time.perf_counter() - start
+    dataset.transform = transform
+    return total / samples, augment_s / samples
+
+
+def measure(root: Path, mode: str, bands: str, args: argparse.Namespace) -> dict:
+    band_list = parse_bands(bands)
+    aug = MultiCropAugmentation(mode, band_list)
+    results = {}
+    for impl, transform in (("pil", PILPerCrop(aug)), ("current", aug)):
+        torch.manual_seed(args.seed)
+        dataset = SeCoDataset(root, bands=band_list, data_mode=mode, transform=transform, seed=args.seed)
+        results[impl] = time_samples(dataset, args.samples, args.warmup)
+    total, augment = results["current"]
+    return {
+        "mode": mode,
+        "bands": ",".join(band_list),
+        "crop_sizes": aug.crop_sizes,
+        "threads": torch.get_num_threads(),
+        "samples": args.samples,
+        "imgs_per_s": round(1.0 / total, 2),
+        "pil_imgs_per_s": round(1.0 / results["pil"][0], 2),
+        "speedup": round(results["pil"][0] / total, 2),
+        "load_ms": round((total - augment) * 1000.0, 2),
+        "augment_ms": round(augment * 1000.0, 2),
+        "pil_augment_ms": round(results["pil"][1] * 1000.0, 2),
+    }
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.samples < 1 or args.warmup < 0 or args.n_locations < 1:
+        raise utils.ConfigError("--samples and --n_locations must be >= 1 and --warmup >= 0")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data_path is None:
+            root = write_seco_demo(Path(tmp) / "seco", n_locations=args.n_locations, n_acquisitions=3, seed=args.seed)
+        else:
+            root = Path(args.data_path)
+        for mode in args.modes:
+            for bands in args.bands:
+                print(json.dumps(measure(root, mode, bands, args)), flush=True)
+
+
+def run(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except (ValueError, utils.ConfigError) as err:
+        utils.fail(utils.one_line(err))
+
+
+if __name__ == "__main__":
+    run()
