@@ -124,6 +124,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="Number of local crops. Default: 6 (mc, tp), 8 (dino); 0 disables multi-crop.",
     )
     parser.add_argument(
+        "--global_crops_size",
+        type=int,
+        default=224,
+        help="Side of the global crops (224 as published; smaller values make quick CPU runs such as the demo).",
+    )
+    parser.add_argument(
         "--size_crops",
         type=int,
         nargs="+",
@@ -282,6 +288,7 @@ def build_transform(args: argparse.Namespace) -> MultiCropAugmentation:
             local_crops_scale=args.local_crops_scale,
             local_crops_number=args.local_crops_number,
             size_crops=args.size_crops,
+            global_size=args.global_crops_size,
             global_crops_number=args.global_crops_number,
         )
     except ValueError as err:

@@ -13,6 +13,14 @@ TINY_STEP = ["--arch", "vit_tiny", "--patch_size", "16", "--batch_size_per_gpu",
 TINY_STEP += ["--steps", "1", "--warmup", "0", "--threads", "1"]
 
 
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """The benchmarks set torch's thread count for the process; later tests must not inherit it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def json_lines(capsys) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 

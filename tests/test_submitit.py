@@ -113,7 +113,8 @@ def test_preempted_job_checkpoints_requeues_and_finishes(seco_root, tmp_path, lo
     epochs = EPOCHS_BEFORE_REQUEUE_TEST
     # a DataLoader worker per task, since SLURM signals every process of the job, workers included
     job = local_jobs(tiny_run(seco_root, out, "--epochs", str(epochs), "--num_workers", "1"))
-    wait_for(lambda: len(read_log(out)) >= 1 or job.done(), "the first epoch")
+    # the first epoch's checkpoint (written after its log line), so the requeued job has something to resume
+    wait_for(lambda: (out / "checkpoint.pth").exists() or job.done(), "the first checkpoint")
     assert not job.done(), job.task(0).stderr()
     tasks = descendants(int(job.job_id))  # job_id is the local controller's pid; signal what runs below it
     assert len(tasks) >= 2
