@@ -12,6 +12,8 @@ band by band). Both decode the GeoTIFFs the same way, so the ratio is the cost o
 
 A DataLoader worker runs single-threaded (torch sets one thread per worker), so the benchmark does too
 (``--threads 1``): the figure is per worker, and a loader with N workers on N free cores scales it by ~N.
+Times are this process's CPU time, so a busy shared machine (other jobs taking turns on the cores) does not
+distort them; on a free core CPU time and wall time of a one-thread worker are the same.
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ class PILPerCrop:
 
 
 def time_samples(dataset: SeCoDataset, samples: int, warmup: int) -> tuple[float, float]:
-    """Seconds per sample, total and in the augmentation alone (the rest is reading and decoding)."""
+    """CPU seconds per sample, total and in the augmentation alone (the rest is reading and decoding)."""
     n = len(dataset)
     for i in range(warmup):
         dataset[i % n]
@@ -160,16 +162,16 @@ def time_samples(dataset: SeCoDataset, samples: int, warmup: int) -> tuple[float
 
     def timed(images):
         nonlocal augment_s
-        start = time.perf_counter()
+        start = time.process_time()
         out = transform(images)
-        augment_s += time.perf_counter() - start
+        augment_s += time.process_time() - start
         return out
 
     dataset.transform = timed
-    start = time.perf_counter()
+    start = time.process_time()
     for i in range(samples):
         dataset[i % n]
-    total = time.perf_counter() - start
+    total = time.process_time() - start
     dataset.transform = transform
     return total / samples, augment_s / samples
 
