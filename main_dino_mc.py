@@ -249,20 +249,18 @@ class DINOLoss(nn.Module):
         )
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        student_out = (student_output.float() / self.student_temp).chunk(self.ncrops)
+        student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1).chunk(self.ncrops)
         temp = self.teacher_temp_schedule[epoch]
         teacher_out = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
         teacher_out = teacher_out.chunk(self.teacher_crops_number)
 
-        student_logp = [F.log_softmax(s, dim=-1) for s in student_out]
-        total_loss = student_output.new_zeros((), dtype=torch.float32)
-        n_loss_terms = 0
-        for iq, q in enumerate(teacher_out):
-            for v, logp in enumerate(student_logp):
-                if v == iq:  # skip the pair where student and teacher see the same view
-                    continue
-                total_loss = total_loss + torch.sum(-q * logp, dim=-1).mean()
-                n_loss_terms += 1
+        # sum over v != i of mean_b(-q_i . logp_v) == mean_b(-q_i . (sum_v logp_v - logp_i)): one product per
+        # teacher crop instead of one per (teacher, student) pair, over (B, out_dim) = (B, 65536) matrices.
+        logp_sum = torch.stack(student_logp).sum(dim=0)
+        total_loss = sum(
+            torch.sum(-q * (logp_sum - student_logp[iq]), dim=-1).mean() for iq, q in enumerate(teacher_out)
+        )
+        n_loss_terms = len(teacher_out) * (self.ncrops - 1)  # every pair but the one where both see the same view
         self.update_center(teacher_output)
         return total_loss / n_loss_terms
 
@@ -534,10 +532,8 @@ def train_one_epoch(
             fp16_scaler.step(optimizer)
             fp16_scaler.update()
 
-        with torch.no_grad():  # EMA update of the teacher, one foreach kernel over all parameters
-            m = momentum_schedule[it]
-            torch._foreach_mul_(teacher_params, m)
-            torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+        with torch.no_grad():  # EMA of the teacher, m * t + (1 - m) * s as one foreach lerp over all parameters
+            torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum_schedule[it])
 
         metric_logger.update(loss=loss_value)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])

@@ -6,7 +6,10 @@ attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``; ``head.mlp.{0,2,4}`` and ``head
 Differences from the original code, none of which changes the maths or the checkpoint format:
 
 - attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
-  kernels where the device has them) instead of an explicit softmax(QK^T) matrix;
+  kernels where the device has them) instead of an explicit softmax(QK^T) matrix, except in bf16/fp16 on a
+  CPU, where the explicit product is faster (``attention``);
+- dropout layers with probability 0 (DINO's defaults) are ``nn.Identity``: ``nn.Dropout(0.0)`` still copies
+  its input, once per layer and token;
 - position embeddings are resampled with timm's ``resample_abs_pos_embed`` to the exact patch grid of any
   input, square or not, instead of DINO's ``scale_factor`` with a +0.1 float offset;
 - any number of input channels (``in_chans``), for multispectral Sentinel-2 input;
@@ -25,13 +28,32 @@ import torch.nn.functional as F
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 
 
+def dropout(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or ``nn.Identity`` for p == 0: a zero-probability dropout still copies its input."""
+    return nn.Dropout(p) if p > 0.0 else nn.Identity()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, heads, N, d) tensors.
+
+    Why two paths: on a CPU in bf16/fp16, PyTorch's fused (flash) attention kernel is two to three times slower
+    than the explicit matrix products for ViT sequence lengths (197 tokens: 8 ms against 24 ms forward and
+    backward for 16 x 3 heads), above all in the backward pass; everywhere else the fused kernel is the faster
+    one and never stores the (N, N) matrix.
+    """
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    return F.dropout(attn, dropout_p) @ v if dropout_p > 0.0 else attn @ v
+
+
 class Mlp(nn.Module):
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop = nn.Dropout(drop)
+        self.drop = dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -45,18 +67,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = dropout(proj_drop)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self._qkv(x)
-        dropout = self.attn_drop if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        x = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
     def forward_packed(self, x: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
@@ -67,12 +88,12 @@ class Attention(nn.Module):
         """
         T, C = x.shape
         qkv = self.qkv(x)
-        dropout = self.attn_drop if self.training else 0.0
+        dropout_p = self.attn_drop if self.training else 0.0
         out = []
         # split, not slicing: its backward is one concatenation instead of a zero-filled (T, 3C) gradient per group
         for part, (B, N) in zip(qkv.split([B * N for B, N in segments]), segments):
             q, k, v = part.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-            out.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout).transpose(1, 2).reshape(B * N, C))
+            out.append(attention(q, k, v, dropout_p).transpose(1, 2).reshape(B * N, C))
         return self.proj_drop(self.proj(torch.cat(out)))
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,8 +121,8 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask=attn_mask))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def forward_packed(self, x: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
@@ -161,7 +182,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        self.pos_drop = nn.Dropout(p=drop_rate)
+        self.pos_drop = dropout(drop_rate)
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay rule
         self.blocks = nn.ModuleList(
             [
@@ -278,10 +299,43 @@ class WeightNormLinear(nn.Module):
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x @ (g * v / ||v||)^T computed as (x @ v^T) * (g / ||v||)^T: the same product, without materialising
-        # the normalised (out, in) weight (16.7M values for DINO's 65536 prototypes) forward and backward.
-        scale = (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)).squeeze(1)
-        return F.linear(x, self.weight_v) * scale
+        return _WeightNormLinearFn.apply(x, self.weight_v, self.weight_g)
+
+
+class _WeightNormLinearFn(torch.autograd.Function):
+    """x @ (g * v / ||v||)^T computed as (x @ v^T) * (g / ||v||)^T, with the backward written out.
+
+    Why: the normalised (out, in) weight (16.7M values for DINO's 65536 prototypes) is never materialised,
+    and the gradient of the row norms is one ``addcmul_`` into dL/dv, where autograd's norm backward makes four
+    more passes over the (out, in) matrix (divide, multiply, mask zero norms, add).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_v: torch.Tensor, weight_g: torch.Tensor) -> torch.Tensor:
+        norm = weight_v.norm(dim=1)
+        product = F.linear(x, weight_v)
+        ctx.save_for_backward(x, weight_v, weight_g, norm, product)
+        return product * (weight_g.squeeze(1) / norm)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight_v, weight_g, norm, product = ctx.saved_tensors
+        scale = weight_g.squeeze(1) / norm
+        grad_scale = (grad_out * product).sum(dim=0)
+        # The two products in the forward's precision on a GPU (as autocast would), in fp32 on a CPU, where
+        # casting the (out, in) weight to bf16 costs as much as the fp32 product for a few dozen rows.
+        dtype = product.dtype if grad_out.is_cuda else torch.promote_types(product.dtype, torch.float32)
+        grad_product = (grad_out * scale).to(dtype)
+        grad_x = grad_v = grad_g = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_product @ weight_v.to(dtype)
+        if ctx.needs_input_grad[1]:
+            grad_v = (grad_product.t() @ x.to(dtype)).to(weight_v.dtype)
+            # d(g / ||v||) / dv = -(g / ||v||) * v / ||v||^2, row by row
+            grad_v.addcmul_((-grad_scale * scale / norm.square()).unsqueeze(1), weight_v)
+        if ctx.needs_input_grad[2]:
+            grad_g = (grad_scale / norm).unsqueeze(1).to(weight_g.dtype)
+        return grad_x, grad_v, grad_g
 
 
 class DINOHead(nn.Module):

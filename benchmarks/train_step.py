@@ -118,7 +118,7 @@ class TimedBatches:
         self._stamp()
 
 
-def explicit_attention(self: vits.Attention, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+def explicit_attention(self: vits.Attention, x: torch.Tensor) -> torch.Tensor:
     """DINO's published attention: the full softmax matrix materialised, then multiplied with V."""
     B, N, C = x.shape
     q, k, v = self._qkv(x)
@@ -134,9 +134,12 @@ def materialised_weight_norm(self: vits.WeightNormLinear, x: torch.Tensor) -> to
 
 def to_published(model: nn.Module) -> None:
     """Make a built wrapper run as the published code did: per-size passes, explicit attention, a materialised
-    weight-normalised last layer, NCHW CNNs."""
+    weight-normalised last layer, ``nn.Dropout(0.0)`` layers (which copy their input), NCHW CNNs."""
     model.pack_crops = False
-    for module in model.modules():
+    for module in list(model.modules()):
+        for name in ("drop", "proj_drop", "pos_drop"):
+            if isinstance(getattr(module, name, None), nn.Identity):
+                setattr(module, name, nn.Dropout(0.0))
         if isinstance(module, vits.Attention):
             module.forward = types.MethodType(explicit_attention, module)
         elif isinstance(module, vits.WeightNormLinear):

@@ -109,3 +109,54 @@ def test_dino_head_weight_norm_and_frozen_norm():
     expected = bottleneck @ (v / v.norm(dim=1, keepdim=True)).T
     torch.testing.assert_close(head(x), expected)
     assert vits.DINOHead(32, 50, norm_last_layer=False).last_layer.weight_g.requires_grad
+
+
+def test_weight_norm_backward_matches_autograd_of_the_formula():
+    torch.manual_seed(0)
+    layer = vits.WeightNormLinear(16, 40).double()
+    torch.nn.init.normal_(layer.weight_v)
+    torch.nn.init.uniform_(layer.weight_g, 0.5, 2.0)
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(vits._WeightNormLinearFn.apply, (x, layer.weight_v, layer.weight_g))
+
+    grad = torch.randn(5, 40, dtype=torch.float64)
+    layer(x).backward(grad)
+    got = [t.grad.clone() for t in (x, layer.weight_v, layer.weight_g)]
+    for t in (x, layer.weight_v, layer.weight_g):
+        t.grad = None
+    v, g = layer.weight_v, layer.weight_g
+    (x @ (g * v / v.norm(dim=1, keepdim=True)).T).backward(grad)
+    for mine, reference in zip(got, (x.grad, v.grad, g.grad), strict=True):
+        torch.testing.assert_close(mine, reference)
+
+
+def test_weight_norm_frozen_g_under_bf16_autocast_gets_fp32_gradients():
+    head = vits.DINOHead(32, 50, hidden_dim=64, bottleneck_dim=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(torch.randn(4, 32))
+    out.float().sum().backward()
+    assert head.last_layer.weight_v.grad.dtype == torch.float32 and head.last_layer.weight_g.grad is None
+    assert head.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_cpu_bf16_explicit_attention_equals_sdpa_forward_and_backward():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 37, 16, requires_grad=True) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v)
+    expected.backward(torch.ones_like(expected))
+    expected_grads = [t.grad.clone() for t in (q, k, v)]
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    out = vits.attention(*low)
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+    for mine, reference in zip(low, expected_grads, strict=True):
+        torch.testing.assert_close(mine.grad.float(), reference, atol=5e-2, rtol=5e-2)
+
+
+def test_zero_dropout_layers_are_identities_and_nonzero_ones_drop():
+    model = vits.vit_tiny(drop_rate=0.0)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    dropping = vits.vit_tiny(drop_rate=0.5).train()
+    assert isinstance(dropping.pos_drop, torch.nn.Dropout) and isinstance(dropping.blocks[0].mlp.drop, torch.nn.Dropout)
+    tokens = torch.ones(1, 10, 192)
+    assert (dropping.pos_drop(tokens) == 0).any()
