@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import hashlib
 import json
@@ -150,6 +151,24 @@ def _export_slurm_env() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the system.
+
+    Why: a training step on a CPU allocates and frees the same large activation and gradient buffers every
+    iteration (64 MB each for the 65536-prototype head). glibc serves large blocks with fresh ``mmap`` calls
+    and unmaps them on free, so every step page-faults all its buffers in again: about 34,000 page faults and
+    0.3 s of kernel time per ViT-Tiny DINO-MC step (batch 8). Serving every block from the heap and never
+    trimming it removes both; the peak memory is the same, it is simply kept. Returns False, changing nothing,
+    where the C library is not glibc (macOS, musl).
+    """
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def init_distributed_mode(args: argparse.Namespace) -> None:
     """Set up the process group for a plain process, torchrun, or SLURM, and pick the device.
 
@@ -178,6 +197,7 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         args.device = f"cuda:{args.gpu}"
     else:
         args.device = "cpu"
+        keep_freed_memory()
     if args.distributed:
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(

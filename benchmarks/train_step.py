@@ -177,6 +177,8 @@ def run_steps(args: argparse.Namespace) -> dict:
     train_args = training_args(args)
     device = torch.device(args.device)
     precision = utils.resolve_precision(train_args, device)
+    if device.type == "cpu" and args.impl == "current":
+        utils.keep_freed_memory()  # as utils.init_distributed_mode does for every CPU run of the scripts
     torch.manual_seed(args.seed)
     with contextlib.redirect_stdout(sys.stderr):  # the JSON line is the only thing on stdout
         student, teacher, teacher_without_ddp = main_dino_mc.build_models(train_args)

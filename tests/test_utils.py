@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +167,37 @@ def test_trim_json_log_drops_epochs_without_checkpoint(tmp_path):
     utils.trim_json_log(log, next_epoch=2)
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [0, 1]
     utils.trim_json_log(tmp_path / "missing.txt", 0)  # nothing to trim is fine
+
+
+_REFAULT_SCRIPT = """
+import resource, sys, torch
+import utils
+if sys.argv[1] == "keep":
+    assert utils.keep_freed_memory()
+def step():  # a training step in miniature: large buffers written, used, freed
+    a = torch.ones(16 * 2**20)
+    b = torch.ones(4 * 2**20)
+    c = a[: 2**20] + b[: 2**20]
+    del a, b, c
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc's")
+def test_keep_freed_memory_stops_page_faulting_reused_buffers():
+    def page_faults_of_ten_steps(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _REFAULT_SCRIPT, mode],
+            cwd=Path(utils.__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return int(out.stdout.strip())
+
+    assert page_faults_of_ten_steps("default") > 10 * 16_384  # the 64 MB buffer is mapped in anew every step
+    assert page_faults_of_ten_steps("keep") < 2 * 16_384
