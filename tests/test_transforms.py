@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as F
 from torchvision import transforms as tv_transforms
+from torchvision.transforms import v2
 
 from datasets.bands import IMAGENET_MEAN, IMAGENET_STD, RGB_BANDS, S2_BANDS, SECO_MS_MEAN_STD
 from datasets.demo import Scene, render_rgb, to_uint8
-from datasets.transforms import MultiCropAugmentation, Normalize, eval_transform, train_transform
+from datasets.transforms import (
+    BICUBIC,
+    BandGroups,
+    MultiCropAugmentation,
+    Normalize,
+    adjust_hue,
+    eval_transform,
+    gaussian_blur,
+    train_transform,
+)
 
 MC_SIZES = [184, 164, 144, 124, 104, 84]
 
@@ -187,3 +199,112 @@ def test_eval_and_train_transforms():
     uint16_as_float = torch.full((12, 120, 120), 5000.0)
     torch.testing.assert_close(custom(uint16_as_float), torch.full((12, 48, 48), 0.5))
     assert seen == [torch.float32]
+
+
+# ----------------------------------------------------------------------------- fast paths equal the plain ones
+
+
+def _reference_colour(image: torch.Tensor, augment, rgb: bool) -> torch.Tensor:
+    """The photometric steps with torchvision's own kernels, drawing the random numbers in the same order."""
+    if augment.jitter is not None and torch.rand(()) < augment.jitter_p:
+        if rgb:
+            image = v2.ColorJitter(*augment.jitter)(image)
+        else:
+            bands = image.shape[0]
+            b, c = augment.jitter[0], augment.jitter[1]
+            gain = torch.empty(bands, 1, 1).uniform_(max(0.0, 1.0 - b), 1.0 + b)
+            stretch = torch.empty(bands, 1, 1).uniform_(max(0.0, 1.0 - c), 1.0 + c)
+            image = image * gain
+            mean = image.mean(dim=(1, 2), keepdim=True)
+            image = ((image - mean) * stretch + mean).clamp(0.0, 1.0)
+    if rgb and augment.gray_p and torch.rand(()) < augment.gray_p:
+        image = F.rgb_to_grayscale(image, num_output_channels=3)
+    if augment.blur_p and torch.rand(()) < augment.blur_p:
+        sigma = 0.1 + 1.9 * float(torch.rand(()))
+        kernel = 2 * math.ceil(3.0 * sigma) + 1
+        image = F.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+    if rgb and augment.solarize_p and torch.rand(()) < augment.solarize_p:
+        image = F.solarize(image, 128.0 / 255.0)
+    return image
+
+
+def _reference_view(source: torch.Tensor, view, rgb: bool, normalize: Normalize) -> torch.Tensor:
+    """One crop the plain way: torchvision's resized_crop of the planar image, then flip, colour, normalise."""
+    top, left, height, width = tv_transforms.RandomResizedCrop.get_params(source, list(view.scale), (3 / 4, 4 / 3))
+    crop = F.resized_crop(source, top, left, height, width, [view.size] * 2, BICUBIC, antialias=True)
+    crop = crop.float() / 255.0 if crop.dtype == torch.uint8 else crop.clamp(0.0, 1.0)
+    if view.augment.flip_p and torch.rand(()) < view.augment.flip_p:
+        crop = crop.flip(-1)
+    return (_reference_colour(crop, view.augment, rgb) - normalize.mean) / normalize.std
+
+
+def _reference_multicrop(aug: MultiCropAugmentation, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    sources = [images[0]] * len(aug.views)
+    if aug.data_mode == "tp":
+
+        def whole(image: torch.Tensor) -> torch.Tensor:
+            image = image.float() / 255.0
+            if torch.rand(()) < aug.tp_augment.flip_p:
+                image = image.flip(-1)
+            return _reference_colour(image, aug.tp_augment, aug.rgb)
+
+        t0, t1, t2 = images
+        sources = [whole(t1), t2, whole(t0)] + [t0] * aug.n_local
+    return [_reference_view(s, v, aug.rgb, aug.normalize) for s, v in zip(sources, aug.views)]
+
+
+@pytest.mark.parametrize("mode, kind", [("mc", "rgb"), ("mc", "ms"), ("dino", "rgb"), ("tp", "rgb"), ("tp", "ms")])
+def test_multicrop_equals_the_plain_torchvision_pipeline(scene_images, mode, kind):
+    """Same random draws, same maths: the fast pipeline (band groups, interleaved layouts, in-place steps, uint8
+    flips, closed-form hue, shifted-sum or convolution blur) gives the crops of torchvision's kernels, run one
+    operation at a time on planar float images."""
+    aug = MultiCropAugmentation(mode, "RGB" if kind == "rgb" else "ALL")
+    image = scene_images[kind]
+    images = [image, image.flip(-2), image.flip(-1)] if mode == "tp" else [image]
+    std = aug.normalize.std
+    for seed in range(4):
+        torch.manual_seed(seed)
+        ours = aug(images)
+        torch.manual_seed(seed)
+        expected = _reference_multicrop(aug, images)
+        for a, b in zip(ours, expected):
+            assert a.is_contiguous() and a.dtype == torch.float32
+            torch.testing.assert_close(a * std, b * std, atol=2e-5, rtol=0)  # in [0, 1] units
+
+
+def test_fast_hue_equals_torchvision_on_quantised_images_with_ties():
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 64, 64)).float() / 255.0  # many ties between channels
+    image[:, :8, :8] = 0.5  # grey: zero chroma
+    for factor in torch.linspace(-0.5, 0.5, 41).tolist():
+        torch.testing.assert_close(adjust_hue(image, factor), F.adjust_hue(image, factor), atol=4e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bands", [3, 12])
+@pytest.mark.parametrize("kernel, sigma", [(3, 0.1), (7, 1.1), (13, 2.0)])
+def test_both_blur_paths_equal_torchvision(bands, kernel, sigma):
+    image = torch.rand(bands, 30, 41)
+    expected = F.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+    torch.testing.assert_close(gaussian_blur(image, kernel, sigma), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bands", [3, 4, 5, 12])
+@pytest.mark.parametrize("flip", [False, True])
+def test_band_groups_resized_crop_equals_one_planar_resize(bands, flip):
+    """Resizing 4 interleaved bands at a time agrees with torchvision's resize of the planar image (whose
+    uint8 kernel for more than 4 bands is a different one) to the grey level."""
+    torch.manual_seed(bands)
+    image = torch.nn.functional.avg_pool2d(torch.rand(1, bands, 90, 80) * 255, 5, 1, 2)[0].round().to(torch.uint8)
+    crop = BandGroups(image).resized_crop(7, 3, 60, 50, 96, flip)
+    expected = F.resized_crop(image, 7, 3, 60, 50, [96, 96], BICUBIC, antialias=True).float() / 255.0
+    expected = expected.flip(-1) if flip else expected
+    assert crop.shape == (bands, 96, 96) and crop.dtype == torch.float32 and crop.is_contiguous()
+    assert (crop - expected).abs().max() <= 1.0 / 255.0 + 1e-6
+
+
+def test_normalize_writes_the_standard_layout():
+    interleaved = torch.rand(1, 3, 10, 12).contiguous(memory_format=torch.channels_last)[0]
+    normalize = Normalize(RGB_BANDS, max_value=1.0)
+    out = normalize(interleaved)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, (interleaved - normalize.mean) / normalize.std)
