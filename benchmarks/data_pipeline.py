@@ -7,8 +7,10 @@ One JSON line per (mode, bands). ``imgs_per_s`` is this project's pipeline (``Se
 ``MultiCropAugmentation``: each band decoded once per sample, crops cut from the uint8 tensor and resized alone);
 ``pil_imgs_per_s`` is the published way on the same files: the decoded sample turned into PIL images and
 torchvision's PIL transforms run crop by crop (and, for non-RGB bands, which PIL cannot hold in one image,
-band by band). Both decode the GeoTIFFs the same way, so the ratio is the cost of the augmentation design;
-``load_ms`` / ``augment_ms`` split this project's time per sample.
+band by band). Both decode the GeoTIFFs the same way, so ``speedup`` is the gain of the augmentation design;
+``load_ms`` / ``augment_ms`` split this project's time per sample. ``packed_imgs_per_s`` /
+``packed_speedup`` / ``packed_load_ms``: the same pipeline reading the same samples from a pack
+(``prepare_data.py``, made here of the locations timed), the whole gain over the published way.
 
 A DataLoader worker runs single-threaded (torch sets one thread per worker), so the benchmark does too
 (``--threads 1``): the figure is per worker, and a loader with N workers on N free cores scales it by ~N.
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 from datasets.bands import parse_bands  # noqa: E402
 from datasets.demo import write_seco_demo  # noqa: E402
+from datasets.pack import write_pack  # noqa: E402
 from datasets.seco import SeCoDataset  # noqa: E402
 from datasets.transforms import (  # noqa: E402
     BLUR_SIGMA,
@@ -176,15 +179,23 @@ def time_samples(dataset: SeCoDataset, samples: int, warmup: int) -> tuple[float
     return total / samples, augment_s / samples
 
 
-def measure(root: Path, mode: str, bands: str, args: argparse.Namespace) -> dict:
+def pack_first_locations(root: Path, bands: list[str], count: int, output: Path) -> Path:
+    """Pack (``prepare_data.py``'s format) the first ``count`` locations of ``root``: the ones the timing reads."""
+    tree = SeCoDataset(root, bands=bands)
+    locations = [(name, tree.acquisition_names(i)) for i, name in enumerate(tree.locations[:count])]
+    return write_pack(output, bands, locations, tree.read_stored)
+
+
+def measure(root: Path, pack: Path, mode: str, bands: str, args: argparse.Namespace) -> dict:
     band_list = parse_bands(bands)
     aug = MultiCropAugmentation(mode, band_list)
     results = {}
-    for impl, transform in (("pil", PILPerCrop(aug)), ("current", aug)):
+    for impl, source, transform in (("pil", root, PILPerCrop(aug)), ("current", root, aug), ("packed", pack, aug)):
         torch.manual_seed(args.seed)
-        dataset = SeCoDataset(root, bands=band_list, data_mode=mode, transform=transform, seed=args.seed)
+        dataset = SeCoDataset(source, bands=band_list, data_mode=mode, transform=transform, seed=args.seed)
         results[impl] = time_samples(dataset, args.samples, args.warmup)
     total, augment = results["current"]
+    packed_total, packed_augment = results["packed"]
     return {
         "mode": mode,
         "bands": ",".join(band_list),
@@ -197,6 +208,9 @@ def measure(root: Path, mode: str, bands: str, args: argparse.Namespace) -> dict
         "load_ms": round((total - augment) * 1000.0, 2),
         "augment_ms": round(augment * 1000.0, 2),
         "pil_augment_ms": round(results["pil"][1] * 1000.0, 2),
+        "packed_imgs_per_s": round(1.0 / packed_total, 2),
+        "packed_speedup": round(results["pil"][0] / packed_total, 2),
+        "packed_load_ms": round((packed_total - packed_augment) * 1000.0, 2),
     }
 
 
@@ -209,9 +223,11 @@ def main(args: argparse.Namespace) -> None:
             root = write_seco_demo(Path(tmp) / "seco", n_locations=args.n_locations, n_acquisitions=3, seed=args.seed)
         else:
             root = Path(args.data_path)
-        for mode in args.modes:
-            for bands in args.bands:
-                print(json.dumps(measure(root, mode, bands, args)), flush=True)
+        for bands in args.bands:
+            timed_locations = args.samples + args.warmup
+            pack = pack_first_locations(root, parse_bands(bands), timed_locations, Path(tmp) / f"pack_{bands}")
+            for mode in args.modes:
+                print(json.dumps(measure(root, pack, mode, bands, args)), flush=True)
 
 
 def run(argv: list[str] | None = None) -> None:
