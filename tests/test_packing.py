@@ -60,14 +60,15 @@ def test_packed_drop_path_drops_whole_samples_with_the_right_scale():
     block = vits.Block(16, 2, drop_path=0.3).train()
     segments = [(50, 5), (30, 3)]
     ones = torch.ones(sum(b * n for b, n in segments), 16)
-    out = block._packed_drop_path(ones, segments)
+    residual = torch.full_like(ones, 2.0)
+    out = block._packed_residual(residual, ones, segments) - residual  # the residual sum adds x unchanged
     per_sample = torch.cat([out[:250, 0].view(50, 5), F.pad(out[250:, 0].view(30, 3), (0, 2), value=float("nan"))])
     first = per_sample[:, :1]
     assert torch.all((per_sample == first) | per_sample.isnan()), "a sample's tokens must share one factor"
     assert torch.all((first == 0) | torch.isclose(first, torch.tensor(1.0 / 0.7))), "DropPath keeps and rescales"
     kept = (first > 0).float().mean().item()
     assert 0.5 < kept < 0.9  # keep probability 0.7 over 80 samples
-    assert torch.equal(block.eval()._packed_drop_path(ones, segments), ones)
+    assert torch.equal(block.eval()._packed_residual(residual, ones, segments), residual + ones)
 
 
 def test_packed_training_pass_runs_drop_path_and_matches_in_eval():
