@@ -19,7 +19,6 @@ import time
 
 import utils
 from datasets.bands import parse_bands
-from datasets.pack import write_pack
 from datasets.seco import SeCoDataset
 
 
@@ -41,13 +40,12 @@ def main(args: argparse.Namespace) -> None:
         raise utils.ConfigError(f"--print_every must be >= 1, got {args.print_every}")
     start = time.time()
     tree = SeCoDataset(args.data_path, bands=bands)
-    locations = [(name, tree.acquisition_names(i)) for i, name in enumerate(tree.locations)]
 
     def progress(i: int) -> None:
-        if (i + 1) % args.print_every == 0 or i + 1 == len(locations):
-            print(f"packed {i + 1}/{len(locations)} locations ({time.time() - start:.0f} s)", flush=True)
+        if (i + 1) % args.print_every == 0 or i + 1 == len(tree):
+            print(f"packed {i + 1}/{len(tree)} locations ({time.time() - start:.0f} s)", flush=True)
 
-    output = write_pack(args.output_path, bands, locations, tree.read_stored, progress)
+    output = tree.write_pack(args.output_path, progress=progress)
     print(f"wrote {output} (bands {','.join(bands)}); train with --data_path {output}", flush=True)
 
 

@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 from datasets.bands import parse_bands  # noqa: E402
 from datasets.demo import write_seco_demo  # noqa: E402
-from datasets.pack import write_pack  # noqa: E402
 from datasets.seco import SeCoDataset  # noqa: E402
 from datasets.transforms import (  # noqa: E402
     BLUR_SIGMA,
@@ -181,9 +180,7 @@ def time_samples(dataset: SeCoDataset, samples: int, warmup: int) -> tuple[float
 
 def pack_first_locations(root: Path, bands: list[str], count: int, output: Path) -> Path:
     """Pack (``prepare_data.py``'s format) the first ``count`` locations of ``root``: the ones the timing reads."""
-    tree = SeCoDataset(root, bands=bands)
-    locations = [(name, tree.acquisition_names(i)) for i, name in enumerate(tree.locations[:count])]
-    return write_pack(output, bands, locations, tree.read_stored)
+    return SeCoDataset(root, bands=bands).write_pack(output, count)
 
 
 def measure(root: Path, pack: Path, mode: str, bands: str, args: argparse.Namespace) -> dict:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from datasets import DataError
 from datasets.bands import RGB_BANDS, SECO_RGB_STRETCH, canonical_band, is_rgb, parse_bands
 from datasets.folder import GEOTIFF_EXTENSIONS, is_image_file, read_image
 from datasets.io import read_band, stack_bands
-from datasets.pack import SeCoPack, is_pack
+from datasets.pack import SeCoPack, is_pack, write_pack
 
 DATA_MODES: tuple[str, ...] = ("dino", "mc", "tp")
 
@@ -239,6 +240,13 @@ class SeCoDataset(Dataset):
         # every acquisition it has is still used.
         order = torch.randperm(count)
         return order[torch.arange(3) % count].tolist()
+
+    def write_pack(
+        self, output: str | Path, count: int | None = None, progress: Callable[[int], None] | None = None
+    ) -> Path:
+        """Pack the first ``count`` locations (all by default) into ``output`` (``datasets/pack.py``'s format)."""
+        locations = [(name, self.acquisition_names(i)) for i, name in enumerate(self.locations[:count])]
+        return write_pack(output, self.bands, locations, self.read_stored, progress)
 
     def read_stored(self, index: int, acquisition: int) -> tuple[np.ndarray, bool]:
         """One acquisition as stored, before the RGB stretch: a (C, H, W) uint8 array of ``bands`` on the 10 m
