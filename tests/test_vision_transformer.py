@@ -78,6 +78,26 @@ def test_forward_on_every_local_crop_size(tiny_vit):
             assert tiny_vit(torch.randn(1, 3, size, size)).shape == (1, 192)
 
 
+@pytest.mark.parametrize(
+    "patch_size, in_chans, height, width", [(16, 3, 164, 164), (8, 12, 84, 100), (16, 3, 224, 224)]
+)
+def test_patch_embedding_equals_the_strided_convolution(patch_size, in_chans, height, width):
+    """The patch matrix product is DINO's Conv2d(kernel = stride = patch): same tokens and same weight gradients,
+    also where the size is not a multiple of the patch (the partial last row and column are dropped)."""
+    embed = vits.PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=32)
+    x = torch.randn(2, in_chans, height, width, dtype=torch.float64)
+    embed.double()
+    tokens = embed(x)
+    expected = embed.proj(x).flatten(2).transpose(1, 2)
+    assert tokens.shape == (2, (height // patch_size) * (width // patch_size), 32)
+    torch.testing.assert_close(tokens, expected)
+    grad = torch.randn_like(tokens)
+    weight_grad, bias_grad = torch.autograd.grad(tokens, (embed.proj.weight, embed.proj.bias), grad)
+    expected_grads = torch.autograd.grad(expected, (embed.proj.weight, embed.proj.bias), grad)
+    torch.testing.assert_close(weight_grad, expected_grads[0])
+    torch.testing.assert_close(bias_grad, expected_grads[1])
+
+
 def test_position_embedding_non_square_matches_bicubic_resize():
     model = vits.vit_tiny(patch_size=16)
     pos = model.interpolate_pos_encoding(7, 12)
