@@ -15,6 +15,9 @@ attention as an explicit softmax(QK^T / sqrt(d)) V, per-parameter Python loops f
 teacher EMA, AdamW without foreach, CNNs in the default (channels-first) memory format.
 
 The first ``--warmup`` steps are dropped (allocator and oneDNN warm-up); ``step_ms_median`` is over ``--steps``.
+One more, untimed, step runs under ``torch.utils.flop_counter.FlopCounterMode``: the model FLOPs of a step
+(matrix products, convolutions, attention: what MFU counts) give ``achieved_tflops``, and ``mfu`` where the
+device's peak is known (``--peak_tflops``, or the data-sheet table below for NVIDIA cards at bf16/fp16).
 """
 
 from __future__ import annotations
@@ -32,12 +35,51 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, bmm_flop, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import main_dino_mc  # noqa: E402
 import utils  # noqa: E402
 import vision_transformer as vits  # noqa: E402
+
+# Dense bf16/fp16 tensor-core peak of NVIDIA cards in TFLOP/s (NVIDIA data sheets, no sparsity), matched in order
+# against torch.cuda.get_device_name(); for other devices and precisions pass --peak_tflops.
+GPU_PEAK_TFLOPS = [
+    ("H100 PCIe", 756.5),
+    ("H100 NVL", 835.5),
+    ("H100", 989.4),
+    ("H200 NVL", 835.5),
+    ("H200", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("RTX 4090", 165.2),
+    ("L4", 121.0),
+]
+
+
+def _attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """The four products of attention's backward; the flop counter adds the fused kernels' recomputation of
+    q k^T, which model FLOPs (and MFU) leave out and the explicit-softmax path does not run."""
+    b, heads, n_q, d = query
+    recomputed_scores = bmm_flop((b * heads, n_q, d), (b * heads, d, key[2]))
+    return sdpa_backward_flop_count(grad_out, query, key, value) - recomputed_scores
+
+
+# Fused attention counted as model FLOPs (arguments arrive as shapes): PyTorch's CPU flash kernels (fp32 SDPA on
+# a CPU) are missing from the flop counter's table, and its backward formulas count the recomputation.
+ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_backward: _attention_backward_flops,
+    torch.ops.aten._scaled_dot_product_efficient_attention_backward: _attention_backward_flops,
+    torch.ops.aten._scaled_dot_product_cudnn_attention_backward: _attention_backward_flops,
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -64,6 +106,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="current: run all crops of a ViT in one packed backbone pass (false: one pass per crop size).",
     )
     parser.add_argument("--seed", default=0, type=int, help="Seed of the weights and of the random crops.")
+    parser.add_argument(
+        "--peak_tflops",
+        default=None,
+        type=float,
+        help="Peak TFLOP/s of the device at --precision, for mfu (default: the data-sheet figure of known GPUs).",
+    )
     return parser
 
 
@@ -90,20 +138,23 @@ def make_crops(args: argparse.Namespace, train_args: argparse.Namespace) -> list
 
 
 class TimedBatches:
-    """The same batch ``n`` times, as a sized iterable; records the clocks each time the loop asks for more.
+    """The same batch ``n`` times, then once more with FLOPs counted, as a sized iterable; records the clocks each
+    time the loop asks for more.
 
     Consecutive time stamps bracket exactly one iteration of the training loop that consumes it. Besides wall
     time it records this process's CPU time (all threads): on a shared machine other jobs stretch the wall
-    time of a step but hardly its CPU time, so CPU time compares two implementations more reliably.
+    time of a step but hardly its CPU time, so CPU time compares two implementations more reliably. The last,
+    untimed, iteration runs under a flop counter (it slows every operation down, so it is never timed).
     """
 
     def __init__(self, batch: list[torch.Tensor], n: int, device: torch.device):
         self.batch, self.n, self.device = batch, n, device
         self.stamps: list[float] = []
         self.cpu_stamps: list[float] = []
+        self.flop_counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
 
     def __len__(self) -> int:
-        return self.n
+        return self.n + 1
 
     def _stamp(self) -> None:
         if self.device.type == "cuda":
@@ -116,6 +167,8 @@ class TimedBatches:
             self._stamp()
             yield self.batch
         self._stamp()
+        with self.flop_counter:  # active while the loop runs the step on this batch, until it asks for more
+            yield self.batch
 
 
 def explicit_attention(self: vits.Attention, x: torch.Tensor) -> torch.Tensor:
@@ -242,15 +295,31 @@ def run_steps(args: argparse.Namespace) -> dict:
         "load_avg_1min": round(os.getloadavg()[0], 2),
         "torch": torch.__version__,
     }
+    flops = batches.flop_counter.get_total_flops()
+    result["gflop_per_step"] = round(flops / 1e9, 2)
+    result["achieved_tflops"] = round(flops / 1e12 / (median_ms / 1000.0), 4)
     if device.type == "cuda":
         result["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 1024.0**2, 1)
         result["gpu"] = torch.cuda.get_device_name(device)
+    peak = args.peak_tflops or data_sheet_peak_tflops(device, precision)
+    result["peak_tflops"] = peak
+    result["mfu"] = round(flops / 1e12 / (median_ms / 1000.0) / peak, 4) if peak else None
     return result
+
+
+def data_sheet_peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The card's dense tensor-core peak for bf16/fp16 from GPU_PEAK_TFLOPS; None where it is not known."""
+    if device.type != "cuda" or precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_TFLOPS if key in name), None)
 
 
 def main(args: argparse.Namespace) -> None:
     if args.steps < 1 or args.warmup < 0 or args.batch_size_per_gpu < 1:
         raise utils.ConfigError("--steps and --batch_size_per_gpu must be >= 1 and --warmup >= 0")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise utils.ConfigError(f"--peak_tflops must be > 0, got {args.peak_tflops}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import data_pipeline, train_step
+from benchmarks import data_pipeline, matmul_rate, train_step
 
 TINY_STEP = ["--arch", "vit_tiny", "--patch_size", "16", "--batch_size_per_gpu", "2", "--out_dim", "256"]
 TINY_STEP += ["--steps", "1", "--warmup", "0", "--threads", "1"]
@@ -25,15 +25,79 @@ def json_lines(capsys) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
-@pytest.mark.parametrize("impl", ["current", "published"])
-def test_train_step_prints_one_json_line(capsys, impl):
-    train_step.run([*TINY_STEP, "--impl", impl])
+def tiny_step_model_gflop() -> float:
+    """The model FLOPs of a TINY_STEP step written out: ViT-Tiny/16 (width 192, 12 blocks, MLP 4x), DINO head
+    192 -> 2048 -> 2048 -> 256 -> out_dim 256, batch 2 of each of mode mc's eight crops. The student runs every
+    product forward and twice backward (input and weight gradients) but the patch embedding's input gradient
+    (images need none); the teacher runs the two global crops forward."""
+    width, patch, batch, out_dim = 192, 16, 2, 256
+    student = teacher = 0
+    for index, size in enumerate([224, 224, 184, 164, 144, 124, 104, 84]):
+        patches = (size // patch) ** 2
+        tokens = patches + 1
+        embed = 2 * batch * patches * 3 * patch * patch * width
+        blocks = 12 * (2 * batch * tokens * 12 * width**2 + 4 * batch * tokens**2 * width)
+        head = 2 * batch * (width * 2048 + 2048 * 2048 + 2048 * 256 + 256 * out_dim)
+        student += 2 * embed + 3 * (blocks + head)
+        teacher += embed + blocks + head if index < 2 else 0
+    return (student + teacher) / 1e9
+
+
+@pytest.mark.parametrize("impl, precision", [("current", "fp32"), ("published", "fp32"), ("current", "bf16")])
+def test_train_step_prints_one_json_line(capsys, impl, precision):
+    train_step.run([*TINY_STEP, "--impl", impl, "--precision", precision])
     (result,) = json_lines(capsys)
     assert result["impl"] == impl and result["pack_crops"] == (impl == "current")
     assert result["crop_sizes"] == [224, 224, 184, 164, 144, 124, 104, 84]
-    assert result["threads"] == 1 and result["precision"] == "fp32" and result["steps"] == 1
+    assert result["threads"] == 1 and result["precision"] == precision and result["steps"] == 1
     assert result["step_ms_median"] > 0 and result["step_cpu_ms_median"] > 0 and result["peak_rss_mb"] > 100
     assert result["imgs_per_s"] == pytest.approx(2000.0 / result["step_ms_median"], rel=1e-2)
+    # Same model FLOPs whichever attention kernel runs (fused SDPA in fp32, explicit products in bf16 or in the
+    # published way), without the fused backward's recomputation; no peak is known for a CPU.
+    assert result["gflop_per_step"] == pytest.approx(tiny_step_model_gflop(), abs=0.01)
+    expected_rate = result["gflop_per_step"] / result["step_ms_median"]
+    assert result["achieved_tflops"] == pytest.approx(expected_rate, rel=1e-2, abs=1e-4)
+    assert result["peak_tflops"] is None and result["mfu"] is None
+
+
+def test_train_step_mfu_against_a_given_peak(capsys):
+    train_step.run([*TINY_STEP, "--peak_tflops", "0.5"])
+    (result,) = json_lines(capsys)
+    assert result["peak_tflops"] == 0.5
+    assert result["mfu"] == pytest.approx(result["achieved_tflops"] / 0.5, rel=1e-2, abs=1e-4)
+
+
+def test_data_sheet_peak_only_for_known_cards_at_half_precision(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert train_step.data_sheet_peak_tflops(torch.device("cuda"), "bf16") == 989.4
+    assert train_step.data_sheet_peak_tflops(torch.device("cuda"), "fp32") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert train_step.data_sheet_peak_tflops(torch.device("cuda"), "fp16") == 756.5
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080")
+    assert train_step.data_sheet_peak_tflops(torch.device("cuda"), "bf16") is None
+    assert train_step.data_sheet_peak_tflops(torch.device("cpu"), "bf16") is None
+
+
+def test_matmul_rate_times_every_product_of_a_block(capsys):
+    matmul_rate.run(["--tokens", "64", "--repeats", "1", "--threads", "1", "--precisions", "fp32,bf16"])
+    results = json_lines(capsys)
+    assert [r["precision"] for r in results] == ["fp32", "bf16"]
+    for result in results:
+        names = {
+            f"{layer}.{part}"
+            for layer in ("qkv", "proj", "fc1", "fc2")
+            for part in ("forward", "grad_input", "grad_weight")
+        }
+        assert set(result["product_gflops"]) == names
+        assert result["block_gflops"] > 0 and all(rate > 0 for rate in result["product_gflops"].values())
+    shapes = {name: (left, right) for name, left, right, _ in matmul_rate.block_products(64, 192)}
+    assert shapes["fc1.grad_weight"] == ((64, 768), (64, 192))  # dL/dW (768, 192) = grad_out^T @ input
+
+
+def test_matmul_rate_bad_precision_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        matmul_rate.run(["--precisions", "fp8"])
+    assert exc.value.code == 2 and "--precisions" in capsys.readouterr().err
 
 
 def test_train_step_bad_arguments_exit_2(capsys):
