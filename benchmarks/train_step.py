@@ -320,6 +320,12 @@ def main(args: argparse.Namespace) -> None:
         raise utils.ConfigError("--steps and --batch_size_per_gpu must be >= 1 and --warmup >= 0")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise utils.ConfigError(f"--peak_tflops must be > 0, got {args.peak_tflops}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise utils.ConfigError(f"--device must be cpu or cuda[:N], got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise utils.ConfigError(f"--device {args.device}: torch sees no CUDA device on this machine")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import data_pipeline, matmul_rate, train_step
 
+REPO = Path(__file__).resolve().parents[1]
 TINY_STEP = ["--arch", "vit_tiny", "--patch_size", "16", "--batch_size_per_gpu", "2", "--out_dim", "256"]
 TINY_STEP += ["--steps", "1", "--warmup", "0", "--threads", "1"]
 
@@ -105,6 +110,16 @@ def test_train_step_bad_arguments_exit_2(capsys):
         train_step.run([*TINY_STEP, "--steps", "0"])
     assert exc.value.code == 2
     assert "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        train_step.run([*TINY_STEP, "--device", "tpu"])
+    assert exc.value.code == 2 and "--device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_train_step_on_cuda_without_a_gpu_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_step.run([*TINY_STEP, "--device", "cuda"])
+    assert exc.value.code == 2 and "no CUDA device" in capsys.readouterr().err
 
 
 def test_data_pipeline_reports_both_pipelines_per_band_set(capsys):
@@ -132,3 +147,18 @@ def test_pil_baseline_makes_the_same_crops():
     images = [torch.randint(0, 256, (12, 80, 80), dtype=torch.uint8) for _ in range(3)]
     out = data_pipeline.PILPerCrop(aug)(images)
     assert [tuple(c.shape) for c in out] == [(12, s, s) for s in aug.crop_sizes]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the GPU report runs on a GPU")
+def test_gpu_report_script_measures_vit_small_16_and_8(tmp_path):
+    output = tmp_path / "gpu.jsonl"
+    env = {**os.environ, "BATCH": "2", "STEPS": "1", "WARMUP": "1", "PYTHON": sys.executable}
+    subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_vit_small.sh"), str(output)], check=True, env=env)
+    results = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [(r["arch"], r["patch_size"], r["precision"]) for r in results] == [
+        ("vit_small", 16, "bf16"),
+        ("vit_small", 8, "bf16"),
+    ]
+    for result in results:
+        assert result["peak_gpu_mem_mb"] > 0 and result["gpu"] and result["achieved_tflops"] > 0
+        assert (result["mfu"] is None) == (result["peak_tflops"] is None)
