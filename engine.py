@@ -281,16 +281,6 @@ def _write_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _truncate_log(log_path: Path, start_epoch: int) -> None:
-    """Keep only the log lines of epochs before ``start_epoch`` (a kill between the log line and the
-    checkpoint of an epoch re-runs that epoch, which must not leave its line twice)."""
-    if not log_path.is_file():
-        return
-    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["epoch"] < start_epoch]
-    log_path.write_text("".join(f"{line}\n" for line in kept))
-
-
 def fit(
     model: nn.Module,
     task: Task,
@@ -329,7 +319,7 @@ def fit(
     start_epoch = state["epoch"]
     log_path = output_dir / "log.txt"
     if utils.is_main_process():
-        _truncate_log(log_path, start_epoch)
+        utils.trim_json_log(log_path, start_epoch)
     if start_epoch >= args.epochs:
         print(f"The checkpoint in {output_dir} already finished {start_epoch} epochs; nothing to train.")
 
@@ -353,8 +343,7 @@ def fit(
         if utils.is_main_process():
             log_stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
             log_stats.update({f"val_{k}": v for k, v in scalars(metrics).items()})
-            with log_path.open("a") as f:
-                f.write(json.dumps(log_stats) + "\n")
+            utils.append_json_log(log_path, log_stats)
             checkpoint = {
                 "state_dict": checkpoint_module.state_dict(),
                 "optimizer": optimizer.state_dict(),
