@@ -296,14 +296,15 @@ def run_steps(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
     }
     flops = batches.flop_counter.get_total_flops()
+    achieved_tflops = flops / 1e12 / (median_ms / 1000.0)
     result["gflop_per_step"] = round(flops / 1e9, 2)
-    result["achieved_tflops"] = round(flops / 1e12 / (median_ms / 1000.0), 4)
+    result["achieved_tflops"] = round(achieved_tflops, 4)
     if device.type == "cuda":
         result["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 1024.0**2, 1)
         result["gpu"] = torch.cuda.get_device_name(device)
     peak = args.peak_tflops or data_sheet_peak_tflops(device, precision)
     result["peak_tflops"] = peak
-    result["mfu"] = round(flops / 1e12 / (median_ms / 1000.0) / peak, 4) if peak else None
+    result["mfu"] = round(achieved_tflops / peak, 4) if peak else None
     return result
 
 
