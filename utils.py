@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.hub
 import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
 
 import vision_transformer as vits
 
@@ -904,7 +905,7 @@ def _resample_pos_embed(model: nn.Module, state_dict: dict[str, torch.Tensor]) -
     if old * old != pos.shape[1] - 1:
         return  # not a square grid + CLS: left to the shape check, which reports it
     print(f"Resampling pos_embed from a {old}x{old} to a {new}x{new} patch grid")
-    state_dict["pos_embed"] = vits.resample_abs_pos_embed(
+    state_dict["pos_embed"] = resample_abs_pos_embed(
         pos, new_size=(new, new), old_size=(old, old), num_prefix_tokens=1, interpolation="bicubic", antialias=False
     )
 

@@ -10,8 +10,6 @@ Differences from the original code, none of which changes the maths or the check
   CPU, where the explicit product is faster (``attention``);
 - dropout layers with probability 0 (DINO's defaults) are ``nn.Identity``: ``nn.Dropout(0.0)`` still copies
   its input, once per layer and token;
-- position embeddings are resampled with timm's ``resample_abs_pos_embed`` to the exact patch grid of any
-  input, square or not, instead of DINO's ``scale_factor`` with a +0.1 float offset;
 - any number of input channels (``in_chans``), for multispectral Sentinel-2 input;
 - ``forward_packed`` runs crops of several sizes through the blocks in one pass (sequence packing), which
   DINO-MC's multi-crop wrapper uses instead of one pass per crop size.
@@ -25,7 +23,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 
 
 def dropout(p: float) -> nn.Module:
@@ -208,20 +206,25 @@ class VisionTransformer(nn.Module):
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
 
-    def interpolate_pos_encoding(self, h_patches: int, w_patches: int) -> torch.Tensor:
-        """Position embeddings for an h x w patch grid (bicubic, as DINO, but to the exact grid size)."""
-        old = int(math.sqrt(self.pos_embed.shape[1] - 1))
-        if (h_patches, w_patches) == (old, old):
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Position embeddings for a ``height`` x ``width`` pixel input, computed exactly as DINO computes them.
+
+        DINO (and the published DINO-MC code) call bicubic ``F.interpolate`` with a SCALE FACTOR of
+        ``(grid + 0.1) / sqrt(N)``, not with the target size: the factor fixes where the source grid is sampled
+        (``(i + 0.5) / scale - 0.5``), so interpolating to the size instead gives other embeddings for every
+        non-224 crop (1-3 % of the features). The +0.1 keeps ``floor(sqrt(N) * scale)`` at the grid size.
+        As in DINO, only a square input with the trained patch count uses the embeddings as they are.
+        """
+        num_patches = self.pos_embed.shape[1] - 1
+        h_patches, w_patches = height // self.patch_size, width // self.patch_size
+        if h_patches * w_patches == num_patches and height == width:
             return self.pos_embed
-        # antialias=False matches DINO's F.interpolate, so published checkpoints give the same features.
-        return resample_abs_pos_embed(
-            self.pos_embed,
-            new_size=(h_patches, w_patches),
-            old_size=(old, old),
-            num_prefix_tokens=1,
-            interpolation="bicubic",
-            antialias=False,
-        )
+        side = math.sqrt(num_patches)
+        dim = self.pos_embed.shape[-1]
+        grid = self.pos_embed[:, 1:].reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((h_patches + 0.1) / side, (w_patches + 0.1) / side), mode="bicubic")
+        patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h_patches * w_patches, dim)
+        return torch.cat((self.pos_embed[:, :1], patch_pos), dim=1)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens + CLS + position embeddings. Sizes that are not a multiple of the patch size (DINO-MC's
@@ -229,7 +232,7 @@ class VisionTransformer(nn.Module):
         B, _, H, W = x.shape
         tokens = self.patch_embed(x)
         tokens = torch.cat((self.cls_token.expand(B, -1, -1), tokens), dim=1)
-        tokens = tokens + self.interpolate_pos_encoding(H // self.patch_size, W // self.patch_size)
+        tokens = tokens + self.interpolate_pos_encoding(H, W)
         return self.pos_drop(tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

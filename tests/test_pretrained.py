@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from timm.layers import resample_abs_pos_embed
 
 import utils
 import vision_transformer as vits
@@ -162,7 +163,7 @@ def test_pos_embed_of_another_grid_is_resampled(tmp_path):
     torch.save({"teacher": small.state_dict()}, tmp_path / "p96.pth")
     model = utils.load_pretrained_weights(build("vit_tiny"), str(tmp_path / "p96.pth"))
     assert model.pos_embed.shape == (1, 197, 192)
-    expected = vits.resample_abs_pos_embed(
+    expected = resample_abs_pos_embed(
         small.pos_embed, new_size=(14, 14), old_size=(6, 6), num_prefix_tokens=1, antialias=False
     )
     assert torch.allclose(model.pos_embed, expected)

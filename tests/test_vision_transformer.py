@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import published_vit
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ def tiny_vit(request):
 @pytest.mark.parametrize("size", LOCAL_SIZES + [96, 224])
 def test_position_embedding_resampled_for_every_crop_size(tiny_vit, size):
     grid = size // tiny_vit.patch_size
-    pos = tiny_vit.interpolate_pos_encoding(grid, grid)
+    pos = tiny_vit.interpolate_pos_encoding(size, size)
     assert pos.shape == (1, 1 + grid * grid, 192)
     torch.testing.assert_close(pos[:, 0], tiny_vit.pos_embed[:, 0])  # the CLS position is never resampled
     with torch.no_grad():
@@ -98,14 +99,74 @@ def test_patch_embedding_equals_the_strided_convolution(patch_size, in_chans, he
     torch.testing.assert_close(bias_grad, expected_grads[1])
 
 
-def test_position_embedding_non_square_matches_bicubic_resize():
+# Every crop size of the three modes, a non-square input, a large one; with patch 8 and 16.
+PUBLISHED_SIZES = [(224, 224), *[(s, s) for s in LOCAL_SIZES], (96, 96), (112, 112), (96, 128), (480, 480)]
+
+
+@pytest.fixture(scope="module", params=[8, 16])
+def vit_and_published(request):
+    """A ViT-Tiny with random (non-trivial) weights and the published ViT holding the same weights."""
+    torch.manual_seed(request.param)
+    model = vits.vit_tiny(patch_size=request.param).eval()
+    return model, published_vit.published_copy(model)
+
+
+@pytest.mark.parametrize("height, width", PUBLISHED_SIZES)
+def test_features_equal_the_published_vit_at_every_size(vit_and_published, height, width):
+    """Same weights, same input -> the published features (DINO's +0.1 scale-factor interpolation included),
+    also the last attention map and the intermediate layers that visualisation and the linear probe use."""
+    model, reference = vit_and_published
+    if model.patch_size == 8 and height == 480:
+        height = width = 240  # the 3600-token case adds nothing over patch 16 at 480 but seconds of CPU
+    torch.manual_seed(height * width)
+    x = torch.randn(2, 3, height, width)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=0)
+        attention = model.get_last_selfattention(x)
+        torch.testing.assert_close(attention, reference.get_last_selfattention(x), atol=1e-5, rtol=0)
+        for ours, theirs in zip(model.get_intermediate_layers(x, 4), reference.get_intermediate_layers(x, 4)):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_packed_multi_size_pass_equals_the_published_per_crop_forward(vit_and_published):
+    """DINO-MC's crops (2 x 224 + 184..84) through the packed pass: the published features, crop by crop."""
+    model, reference = vit_and_published
+    torch.manual_seed(1)
+    crops = [torch.randn(2, 3, 224, 224)] + [torch.randn(2, 3, s, s) for s in LOCAL_SIZES]
+    with torch.no_grad():
+        packed = model.forward_packed([torch.cat(crops[:1] * 2), *crops[1:]])
+        expected = torch.cat([reference(c) for c in [crops[0], crops[0], *crops[1:]]])
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("height, width", [(84, 84), (96, 128)])
+def test_position_embedding_gradients_equal_the_published_vit(height, width):
+    """The training signal through the resampled embeddings is the published one too (backward of the scale-
+    factor interpolation), so training steps from the same weights and crops stay together."""
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=16).eval().double()
+    reference = published_vit.published_copy(model).double()
+    x = torch.randn(2, 3, height, width, dtype=torch.float64)
+    model(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    for name in ("pos_embed", "cls_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"):
+        ours = model.get_parameter(name).grad
+        torch.testing.assert_close(ours, reference.get_parameter(name).grad)
+
+
+def test_position_embedding_sampled_with_dinos_scale_factor():
+    """The +0.1 scale factor samples the source grid at other positions than resizing to the target size: the
+    embeddings differ (this is what a size-based resampling got wrong), and a 224 input keeps them as they are."""
     model = vits.vit_tiny(patch_size=16)
-    pos = model.interpolate_pos_encoding(7, 12)
     patch_pos = model.pos_embed[:, 1:].reshape(1, 14, 14, 192).permute(0, 3, 1, 2)
-    expected = F.interpolate(patch_pos, size=(7, 12), mode="bicubic", align_corners=False)
-    torch.testing.assert_close(pos[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 84, 192))
+    pos = model.interpolate_pos_encoding(112, 192)
+    assert pos.shape == (1, 1 + 7 * 12, 192)
+    by_scale = F.interpolate(patch_pos, scale_factor=(7.1 / 14, 12.1 / 14), mode="bicubic")
+    by_size = F.interpolate(patch_pos, size=(7, 12), mode="bicubic")
+    torch.testing.assert_close(pos[:, 1:], by_scale.permute(0, 2, 3, 1).reshape(1, 84, 192))
+    assert (by_scale - by_size).abs().max() > 1e-3
+    assert model.interpolate_pos_encoding(224, 224) is model.pos_embed
     assert model(torch.randn(1, 3, 112, 192)).shape == (1, 192)
-    assert model.interpolate_pos_encoding(14, 14) is model.pos_embed
 
 
 def test_attention_and_intermediate_layers():
