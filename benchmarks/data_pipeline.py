@@ -39,12 +39,16 @@ from datasets.bands import parse_bands  # noqa: E402
 from datasets.demo import write_seco_demo  # noqa: E402
 from datasets.seco import SeCoDataset  # noqa: E402
 from datasets.transforms import (  # noqa: E402
+    BICUBIC,
+    BILINEAR,
     BLUR_SIGMA,
     CROP_RATIO,
     MultiCropAugmentation,
     Normalize,
     _band_jitter,
 )
+
+PIL_RESAMPLE = {BICUBIC: Image.BICUBIC, BILINEAR: Image.BILINEAR}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -95,7 +99,8 @@ class PILPerCrop:
 
     def _rgb_pipeline(self, view) -> T.Compose:
         a = view.augment
-        steps = [T.RandomResizedCrop(view.size, scale=view.scale, ratio=CROP_RATIO, interpolation=Image.BICUBIC)]
+        resample = PIL_RESAMPLE[view.interpolation]
+        steps = [T.RandomResizedCrop(view.size, scale=view.scale, ratio=CROP_RATIO, interpolation=resample)]
         steps.append(T.RandomHorizontalFlip(a.flip_p))
         if a.jitter is not None:
             steps.append(T.RandomApply([T.ColorJitter(*a.jitter)], p=a.jitter_p))
@@ -122,7 +127,8 @@ class PILPerCrop:
     def _band_crop(self, bands: list[Image.Image], view) -> torch.Tensor:
         i, j, h, w = T.RandomResizedCrop.get_params(bands[0], view.scale, CROP_RATIO)
         size = (view.size, view.size)
-        return self._band_ops([b.crop((j, i, j + w, i + h)).resize(size, Image.BICUBIC) for b in bands], view.augment)
+        resample = PIL_RESAMPLE[view.interpolation]
+        return self._band_ops([b.crop((j, i, j + w, i + h)).resize(size, resample) for b in bands], view.augment)
 
     def _pil(self, image: torch.Tensor) -> Image.Image | list[Image.Image]:
         array = image.numpy()

@@ -11,8 +11,10 @@ The crops, scales and probabilities per ``--data_mode`` follow the published cod
   + blur p 0.5 + flip, applied to the whole image; 3 global crops of aug(t1), t2, aug(t0); the local crops are
   the multi-size crops of the raw t0, with no colour augmentation.
 
-All crops are bicubic RandomResizedCrop (ratio 3/4..4/3), flips have p 0.5, blur sigma is uniform in
-[0.1, 2.0], solarize inverts values >= 128 (of 255).
+All crops are RandomResizedCrop (ratio 3/4..4/3), flips have p 0.5, blur sigma is uniform in [0.1, 2.0],
+solarize inverts values >= 128 (of 255). Interpolation as published: global crops bicubic, DINO's 96 px local
+crops bicubic, the mc / tp multi-size local crops bilinear (the published code passes no interpolation for
+them, so torchvision's default applies); every resize antialiased, as PIL's.
 
 Why tensors and not PIL: Sentinel-2 input has up to 12 bands, which PIL cannot hold, and it is faster: each
 crop cuts its region out of the uint8 tensor first and resizes only that region (antialiased), then is
@@ -49,6 +51,7 @@ DATA_MODES: tuple[str, ...] = ("dino", "mc", "tp")
 GLOBAL_CROPS_NUMBER: dict[str, int] = {"dino": 2, "mc": 2, "tp": 3}
 DINO_LOCAL_SIZE = 96
 BICUBIC = v2.InterpolationMode.BICUBIC
+BILINEAR = v2.InterpolationMode.BILINEAR  # torchvision's default, the published mc / tp local crops
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 BLUR_SIGMA = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128.0 / 255.0
@@ -167,11 +170,20 @@ class BandGroups:
     def __init__(self, image: torch.Tensor):
         self.groups = [part.permute(1, 2, 0).contiguous().permute(2, 0, 1) for part in image.split(RESIZE_BANDS)]
 
-    def resized_crop(self, top: int, left: int, height: int, width: int, size: int, flip: bool) -> torch.Tensor:
+    def resized_crop(
+        self,
+        top: int,
+        left: int,
+        height: int,
+        width: int,
+        size: int,
+        flip: bool,
+        interpolation: v2.InterpolationMode = BICUBIC,
+    ) -> torch.Tensor:
         """Region (top, left, height, width) resized to ``size`` x ``size``, mirrored left-right if ``flip``:
         float32 in [0, 1], planar layout."""
         parts = [
-            F.resize(group[:, top : top + height, left : left + width], [size, size], BICUBIC, antialias=True)
+            F.resize(group[:, top : top + height, left : left + width], [size, size], interpolation, antialias=True)
             for group in self.groups
         ]
         crop = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -270,11 +282,12 @@ NO_AUGMENT = ColourAugment(gray_p=0.0)
 
 @dataclass(frozen=True)
 class CropView:
-    """One output crop: its size, its RandomResizedCrop scale range and its augmentations."""
+    """One output crop: its size, its RandomResizedCrop scale range and interpolation, its augmentations."""
 
     size: int
     scale: tuple[float, float]
     augment: ColourAugment
+    interpolation: v2.InterpolationMode = BICUBIC
 
 
 class MultiCropAugmentation:
@@ -333,7 +346,10 @@ class MultiCropAugmentation:
             local_jitter = DINO_JITTER if data_mode == "dino" else MC_LOCAL_JITTER
             local_augment = ColourAugment(jitter=local_jitter, blur_p=0.5, flip_p=0.5)
         self.views = [CropView(global_size, self.global_crops_scale, a) for a in global_augments]
-        self.views += [CropView(size, self.local_crops_scale, local_augment) for size in local_sizes]
+        local_interpolation = BICUBIC if data_mode == "dino" else BILINEAR
+        self.views += [
+            CropView(size, self.local_crops_scale, local_augment, local_interpolation) for size in local_sizes
+        ]
         self.n_global = len(global_augments)
         self.n_local = len(local_sizes)
         self.crop_sizes = [v.size for v in self.views]
@@ -383,9 +399,9 @@ class MultiCropAugmentation:
         top, left, height, width = tv_transforms.RandomResizedCrop.get_params(image, list(view.scale), CROP_RATIO)
         flip = self._draw_flip(view.augment)
         if isinstance(source, BandGroups):
-            return source.resized_crop(top, left, height, width, view.size, flip)
+            return source.resized_crop(top, left, height, width, view.size, flip, view.interpolation)
         region = source[..., top : top + height, left : left + width]
-        crop = F.resize(region, [view.size, view.size], BICUBIC, antialias=True).clamp(0.0, 1.0)
+        crop = F.resize(region, [view.size, view.size], view.interpolation, antialias=True).clamp(0.0, 1.0)
         return crop.flip(-1) if flip else crop
 
     def _view(self, source: BandGroups | torch.Tensor, view: CropView) -> torch.Tensor:
@@ -453,10 +469,14 @@ def train_transform(
     scale: Sequence[float] = (0.08, 1.0),
     normalize: Callable | None = None,
 ) -> v2.Compose:
-    """Supervised training preprocessing: RandomResizedCrop(``size``, bicubic) + horizontal flip + normalisation."""
+    """Supervised training preprocessing: RandomResizedCrop(``size``) + horizontal flip + normalisation.
+
+    Bilinear, as DINO's ``eval_linear.py`` and the published ``main_eurosat.py``: both build
+    ``RandomResizedCrop(224)`` with torchvision's default interpolation (their evaluation resize is bicubic).
+    """
     return v2.Compose(
         [
-            v2.RandomResizedCrop(size, scale=check_scale(scale, "scale"), interpolation=BICUBIC, antialias=True),
+            v2.RandomResizedCrop(size, scale=check_scale(scale, "scale"), interpolation=BILINEAR, antialias=True),
             v2.RandomHorizontalFlip(),
             normalize if normalize is not None else Normalize(parse_bands(bands)),
         ]

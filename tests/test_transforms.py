@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -15,6 +16,7 @@ from datasets.bands import IMAGENET_MEAN, IMAGENET_STD, RGB_BANDS, S2_BANDS, SEC
 from datasets.demo import Scene, render_rgb, to_uint8
 from datasets.transforms import (
     BICUBIC,
+    BILINEAR,
     BandGroups,
     MultiCropAugmentation,
     Normalize,
@@ -83,6 +85,51 @@ def test_tp_mode_three_globals_and_wiring():
             torch.testing.assert_close(crop, normalize(_constant(30, size=size)))
     with pytest.raises(ValueError, match="3 image"):
         aug([t0])
+
+
+@pytest.mark.parametrize(
+    "mode, n_global, local",
+    [("dino", 2, BICUBIC), ("mc", 2, BILINEAR), ("tp", 3, BILINEAR)],
+)
+def test_interpolation_of_each_crop_is_the_published_one(mode, n_global, local):
+    """Global crops bicubic; DINO's 96 px locals bicubic; DINO-MC / DINO-TP's multi-size locals bilinear (the
+    published code's RandomResizedCrop(size, scale) without an interpolation argument)."""
+    aug = MultiCropAugmentation(mode, "RGB")
+    assert [v.interpolation for v in aug.views] == [BICUBIC] * n_global + [local] * aug.n_local
+
+
+def test_mc_local_crop_is_the_published_bilinear_pil_crop():
+    """A DINO-MC local crop equals torchvision's RandomResizedCrop(84, scale) on the PIL image, as the published
+    pipeline makes it (same draws; PIL's antialiased bilinear against torch's, within a grey level), and not the
+    bicubic crop of the same region."""
+    image = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 160, 150) * 255, 5, 1, 2)[0].round().to(torch.uint8)
+    aug = MultiCropAugmentation("mc", "RGB")
+    view = aug.views[-1]
+    plain = dataclasses.replace(view, augment=dataclasses.replace(view.augment, flip_p=0.0))
+    torch.manual_seed(3)
+    ours = aug._crop(BandGroups(image), plain)
+    torch.manual_seed(3)
+    published = tv_transforms.RandomResizedCrop(84, scale=(0.05, 0.32))(F.to_pil_image(image))
+    expected = F.pil_to_tensor(published).float() / 255.0
+    assert (ours - expected).abs().max() <= 1.0 / 255.0 + 1e-6
+    torch.manual_seed(3)
+    bicubic = aug._crop(BandGroups(image), dataclasses.replace(plain, interpolation=BICUBIC))
+    assert (bicubic - expected).abs().max() > 2.0 / 255.0
+
+
+def test_train_transform_is_dinos_eval_linear_crop():
+    """The linear-probe / fine-tuning train crop: DINO's RandomResizedCrop(224) (bilinear, torchvision's
+    default) + flip on the PIL image, same draws, within a grey level."""
+    image = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 64, 64) * 255, 3, 1, 1)[0].round().to(torch.uint8)
+    identity = lambda x: x.float() / 255.0  # noqa: E731
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ours = train_transform("RGB", size=224, normalize=identity)(image)
+        torch.manual_seed(seed)
+        published = tv_transforms.Compose(
+            [tv_transforms.RandomResizedCrop(224), tv_transforms.RandomHorizontalFlip(), tv_transforms.ToTensor()]
+        )(F.to_pil_image(image))
+        assert (ours - published).abs().max() <= 1.0 / 255.0 + 1e-6
 
 
 def test_crops_are_drawn_with_each_views_scale(monkeypatch):
@@ -231,7 +278,7 @@ def _reference_colour(image: torch.Tensor, augment, rgb: bool) -> torch.Tensor:
 def _reference_view(source: torch.Tensor, view, rgb: bool, normalize: Normalize) -> torch.Tensor:
     """One crop the plain way: torchvision's resized_crop of the planar image, then flip, colour, normalise."""
     top, left, height, width = tv_transforms.RandomResizedCrop.get_params(source, list(view.scale), (3 / 4, 4 / 3))
-    crop = F.resized_crop(source, top, left, height, width, [view.size] * 2, BICUBIC, antialias=True)
+    crop = F.resized_crop(source, top, left, height, width, [view.size] * 2, view.interpolation, antialias=True)
     crop = crop.float() / 255.0 if crop.dtype == torch.uint8 else crop.clamp(0.0, 1.0)
     if view.augment.flip_p and torch.rand(()) < view.augment.flip_p:
         crop = crop.flip(-1)
