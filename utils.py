@@ -36,6 +36,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
 import vision_transformer as vits
+import weight_formats
 
 # ============================================================================================ small helpers
 
@@ -49,13 +50,24 @@ def bool_flag(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {s!r} (expected true/false)")
 
 
-def fix_random_seeds(seed: int = 31) -> None:
-    """Seed torch, numpy and random; each rank gets its own seed so that augmentations differ across ranks."""
-    seed = seed + get_rank()
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+def derive_seed(stream: str, *keys: int) -> int:
+    """A 63-bit seed that is a hash of (``stream``, ``keys``): every distinct tuple gets an unrelated seed.
+
+    Why a hash and not a sum: ``seed + epoch + rank`` gives rank r at epoch e the stream of rank r + 1 at
+    epoch e - 1, so two processes (or two epochs) would draw the same augmentations. ``stream`` names what the
+    seed is for ("process", "sample"), so that seeds of different uses never coincide either.
+    """
+    digest = hashlib.blake2b(repr((stream, *(int(k) for k in keys))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch.manual_seed takes values below 2**63
+
+
+def fix_random_seeds(seed: int = 31, *stream: int) -> None:
+    """Seed torch (all devices), numpy and random from (``seed``, this rank, ``stream``), e.g. ``stream`` = the
+    epoch: each rank, and each epoch of each rank, gets a stream of its own (:func:`derive_seed`)."""
+    derived = derive_seed("process", seed, get_rank(), *stream)
+    torch.manual_seed(derived)
+    np.random.seed([derived & 0xFFFFFFFF, derived >> 32])
+    random.seed(derived)
 
 
 class ConfigError(ValueError):
@@ -833,18 +845,24 @@ def resolve_weights_path(spec: str, cache: str | Path | None = None) -> Path:
 
 
 def _numpy_globals() -> list:
-    """What unpickling numpy arrays and scalars needs. DINO-style checkpoints hold both: the optimizer's
-    ``lr`` / ``weight_decay`` are numpy floats taken from the schedules, and this project's checkpoints carry
-    numpy's RNG state (exact resume).
+    """What unpickling numpy arrays and scalars needs. DINO-style checkpoints hold both: the published loop
+    writes the schedules' numpy floats into the optimizer's ``lr`` / ``weight_decay``.
 
     These rebuild plain values from bytes and a dtype; they call nothing named by the file, so allowing them
-    keeps the guarantee of weights_only loading.
+    keeps the guarantee of weights_only loading. Each is allowed under both of numpy's module names: the
+    released checkpoints were pickled under numpy 1.x (``numpy.core.multiarray.scalar``), numpy 2 writes
+    ``numpy._core.multiarray.scalar``, and the installed numpy knows its builders under one name only.
     """
     try:
         from numpy._core.multiarray import _reconstruct, scalar
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct, scalar
-    return [_reconstruct, scalar, np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64))]
+    builders = [
+        (builder, f"{module}.multiarray.{builder.__name__}")
+        for builder in (_reconstruct, scalar)
+        for module in ("numpy.core", "numpy._core")
+    ]
+    return [*builders, np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64))]
 
 
 def load_checkpoint_safely(path: str | Path) -> Any:
@@ -866,6 +884,20 @@ def load_checkpoint_safely(path: str | Path) -> Any:
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise ConfigError(f"cannot read checkpoint {path}: {one_line(err)}") from None
+
+
+def load_weights_file(path: Path) -> Any:
+    """A checkpoint or a bare state dict; ``.safetensors`` files (timm / Hugging Face weights, this repo's
+    ``export_weights.py``) by their suffix, as timm tells them apart, everything else through the safe torch.load."""
+    if path.suffix != ".safetensors":
+        return load_checkpoint_safely(path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"cannot read safetensors file {path}: {one_line(err)}") from None
 
 
 def _pick_state_dict(checkpoint: Any, checkpoint_key: str, path: Path) -> dict[str, torch.Tensor]:
@@ -929,7 +961,8 @@ def load_pretrained_weights(
         print("--pretrained_weights none: using randomly initialised weights")
         return model
     path = resolve_weights_path(pretrained_weights)
-    state_dict = _strip_prefixes(_pick_state_dict(load_checkpoint_safely(path), checkpoint_key, path))
+    state_dict = _strip_prefixes(_pick_state_dict(load_weights_file(path), checkpoint_key, path))
+    state_dict = weight_formats.from_timm(state_dict, model.state_dict())  # timm names (torchgeo, HF hub)
     _resample_pos_embed(model, state_dict)
 
     expected = model.state_dict()

@@ -11,7 +11,9 @@ import argparse
 import functools
 import http.server
 import os
+import pickle
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,8 @@ from timm.layers import resample_abs_pos_embed
 import utils
 import vision_transformer as vits
 
+# numpy's own builders, under the installed numpy's module name (numpy._core on numpy 2)
+NUMPY_SCALAR, NUMPY_RECONSTRUCT = np.float64(0).__reduce__()[0], np.arange(1).__reduce__()[0]
 SMALL_HEAD = dict(hidden_dim=32, bottleneck_dim=16)
 # DINO's loop writes the schedules' numpy floats into the param groups, so real checkpoints hold numpy scalars.
 OPTIMIZER = {"state": {}, "param_groups": [{"lr": np.float64(5e-4), "weight_decay": np.float64(0.04), "params": [0]}]}
@@ -99,6 +103,43 @@ def test_published_format_loads_teacher_and_student(tmp_path, arch, patch_size):
     student, teacher = published_checkpoint(path, arch, patch_size)
     assert_same_backbone(utils.load_pretrained_weights(build(arch, patch_size), str(path)), teacher)
     assert_same_backbone(utils.load_pretrained_weights(build(arch, patch_size), str(path), "student"), student)
+
+
+def as_numpy1_pickle(path: Path) -> bytes:
+    """Rewrite a torch.save file so that its pickle names numpy's builders as numpy 1.x wrote them
+    (``numpy.core.multiarray.scalar`` ...), as in the released DINO-MC checkpoints; returns the new pickle.
+
+    The pickle's GLOBAL opcodes hold module names as newline-ended text, so the rename keeps it valid.
+    """
+    with zipfile.ZipFile(path) as src:
+        entries = [(info, src.read(info)) for info in src.infolist()]
+    pickled = b""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for info, data in entries:
+            if info.filename.endswith("/data.pkl"):
+                data = pickled = data.replace(b"numpy._core.", b"numpy.core.")
+            dst.writestr(info, data)
+    return pickled
+
+
+@pytest.mark.parametrize(("arch", "patch_size"), [("vit_tiny", 8), ("resnet18", 16)])
+def test_released_checkpoint_pickled_under_numpy_1_loads(tmp_path, arch, patch_size):
+    """The released files: numpy float64 lr / weight decay in the param groups, an argparse.Namespace, a
+    ``module.`` student, all pickled under numpy 1.x. They load; code-running pickles are still refused."""
+    path = tmp_path / "released.pth"
+    student, teacher = published_checkpoint(path, arch, patch_size)
+    pickled = as_numpy1_pickle(path)
+    assert b"numpy.core.multiarray\nscalar\n" in pickled and b"numpy._core" not in pickled
+    numpy2_names_only = [argparse.Namespace, np.ndarray, np.dtype, NUMPY_SCALAR, NUMPY_RECONSTRUCT]
+    with (
+        pytest.raises(pickle.UnpicklingError, match="numpy.core.multiarray"),
+        torch.serialization.safe_globals(numpy2_names_only),
+    ):
+        torch.load(path, weights_only=True)  # the file really carries the numpy 1.x names
+    assert_same_backbone(utils.load_pretrained_weights(build(arch, patch_size), str(path)), teacher)
+    assert_same_backbone(utils.load_pretrained_weights(build(arch, patch_size), str(path), "student"), student)
+    lr = utils.load_checkpoint_safely(path)["optimizer"]["param_groups"][0]["lr"]
+    assert isinstance(lr, np.float64) and lr == 5e-4
 
 
 @pytest.mark.parametrize("arch", ["vit_tiny", "resnet18"])
