@@ -8,9 +8,6 @@ the .partial download, the strict loading of the teacher) is the real code path 
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
-import threading
 
 import gdown
 import pytest
@@ -20,6 +17,7 @@ import hubconf
 import utils
 import vision_transformer as vits
 from tests.conftest import REPO
+from tests.test_pretrained import http_root  # noqa: F401 (a local http.server fixture)
 
 # entry -> feature size of the backbone
 ENTRIES = {
@@ -49,37 +47,18 @@ def test_entry_builds_the_backbone_without_classifier(name):
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, ENTRIES[name])
 
 
-class CountingHandler(http.server.SimpleHTTPRequestHandler):
-    requests: list[str] = []
-
-    def do_GET(self):
-        type(self).requests.append(self.path)
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def drive_served(tmp_path, monkeypatch):
-    """gdown.download(id=...) fetches ``served/<id>`` from a local server; yields (folder, requested paths)."""
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    served = tmp_path / "served"
-    served.mkdir()
-    CountingHandler.requests = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CountingHandler, directory=served))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
+def drive_served(http_root, monkeypatch):  # noqa: F811 (the fixture imported above)
+    """gdown.download(id=...) fetches ``served/<id>`` from test_pretrained's local server; yields (folder,
+    requested paths)."""
+    served, base, requests = http_root
     real_download = gdown.download
 
     def from_local_server(url=None, output=None, quiet=False, id=None, **kwargs):
         return real_download(url=f"{base}/{id}", output=output, quiet=True)
 
     monkeypatch.setattr(gdown, "download", from_local_server)
-    yield served, CountingHandler.requests
-    server.shutdown()
-    server.server_close()
+    return served, requests
 
 
 @pytest.fixture(scope="module")
