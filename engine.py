@@ -351,7 +351,7 @@ def fit(
                 "epoch": epoch + 1,
                 "best": state["best"],
                 "last": state["last"],
-                "args": vars(args),
+                "args": utils.plain_args(args),
             }
             if scaler is not None:
                 checkpoint["scaler"] = scaler.state_dict()

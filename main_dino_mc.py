@@ -442,7 +442,7 @@ def main(args: argparse.Namespace) -> None:
             "teacher": teacher.state_dict(),
             "optimizer": optimizer.state_dict(),
             "epoch": epoch + 1,
-            "args": dict(vars(args)),
+            "args": utils.plain_args(args),
             "dino_loss": dino_loss.state_dict(),
             "rng_state": gather_rng_states(),
         }
@@ -498,9 +498,9 @@ def train_one_epoch(
     for it, images in enumerate(metric_logger.log_every(data_loader, args.print_freq, header)):
         it = len(data_loader) * epoch + it  # global training iteration
         for i, param_group in enumerate(optimizer.param_groups):
-            param_group["lr"] = lr_schedule[it]
+            param_group["lr"] = float(lr_schedule[it])  # Python floats: the checkpoint loads with torch.load
             if i == 0:  # only the first group is regularised
-                param_group["weight_decay"] = wd_schedule[it]
+                param_group["weight_decay"] = float(wd_schedule[it])
 
         images = [im.to(args.device, non_blocking=True) for im in images]
         with utils.autocast(precision, args.device):

@@ -504,10 +504,27 @@ def build_optimizer(name: str, params_groups: list[dict]) -> torch.optim.Optimiz
     if name == "adamw":
         return torch.optim.AdamW(params_groups, fused=fused, foreach=not fused)
     if name == "sgd":
-        return torch.optim.SGD(params_groups, lr=0, momentum=0.9, fused=fused, foreach=not fused)
+        sgd = torch.optim.SGD(params_groups, lr=0, momentum=0.9, fused=fused, foreach=not fused)
+        if fused:
+            _start_momentum_buffers(sgd)
+        return sgd
     if name == "lars":
         return LARS(params_groups)
     raise ValueError(f"--optimizer {name!r}: expected adamw, sgd or lars")
+
+
+def _start_momentum_buffers(sgd: torch.optim.SGD) -> None:
+    """Give every parameter a zero momentum buffer before the first step.
+
+    Why: torch's fused SGD needs either no buffer at all in a group (its first step) or one for every parameter
+    that has a gradient. DINO's prototypes get no gradient during the ``--freeze_last_layer`` epochs, so without
+    this they join a group whose other buffers exist, and the fused kernel fails ("expected Tensor as element
+    ..., but got NoneType"). Same maths: without dampening, a zero buffer's first update ``0.9 * 0 + g`` is the
+    ``g`` torch copies into a new buffer.
+    """
+    for group in sgd.param_groups:
+        for p in group["params"]:
+            sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 # ============================================================================================ schedules
@@ -694,8 +711,17 @@ def save_on_master(obj: Any, path: str | Path) -> None:
 
 
 def get_rng_state() -> dict:
-    """All random generators that shape a run (python, numpy, torch CPU and CUDA), for exact resumption."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """All random generators that shape a run (python, numpy, torch CPU and CUDA), for exact resumption.
+
+    Held as tensors, ints and tuples only (numpy's key array as a tensor), so that a checkpoint carrying it
+    loads with plain ``torch.load`` (weights_only) and no allowlist.
+    """
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -703,10 +729,29 @@ def get_rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))  # older checkpoints: a numpy array
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plain_args(args: argparse.Namespace) -> dict:
+    """``vars(args)`` with every value a plain Python value (str, number, bool, None, list, dict), so that a
+    checkpoint's ``args`` loads with plain ``torch.load``; anything else (a Path, a device) becomes its str."""
+
+    def plain(value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, np.generic):
+            return value.item()
+        return str(value)
+
+    return {key: plain(value) for key, value in vars(args).items()}
 
 
 def restart_from_checkpoint(ckp_path: str | Path, run_variables: dict | None = None, **kwargs) -> bool:
@@ -719,7 +764,7 @@ def restart_from_checkpoint(ckp_path: str | Path, run_variables: dict | None = N
     if not os.path.isfile(ckp_path):
         return False
     print(f"Found checkpoint at {ckp_path}")
-    checkpoint = torch.load(ckp_path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint_safely(ckp_path)
     for key, value in kwargs.items():
         if value is None:
             continue

@@ -88,8 +88,8 @@ def test_fit_writes_checkpoints_log_and_metrics(tmp_path):
     assert metrics["main_metric"] == "acc" and metrics["last"] == json.loads(json.dumps(result["last"]))
     best_epoch = max(lines, key=lambda line: line["val_acc"])["epoch"]
     assert metrics["best"]["epoch"] == best_epoch
-    assert torch.load(tmp_path / "checkpoint_best.pth", weights_only=False)["epoch"] == best_epoch + 1
-    assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["epoch"] == 3
+    assert torch.load(tmp_path / "checkpoint_best.pth")["epoch"] == best_epoch + 1
+    assert torch.load(tmp_path / "checkpoint.pth")["epoch"] == 3
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
@@ -106,7 +106,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     monkeypatch.setattr(engine, "train_one_epoch", killed_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train_toy(make_args(resumed_dir))
-    assert torch.load(resumed_dir / "checkpoint.pth", weights_only=False)["epoch"] == 2
+    assert torch.load(resumed_dir / "checkpoint.pth")["epoch"] == 2
     monkeypatch.setattr(engine, "train_one_epoch", original)
     model, result = train_toy(make_args(resumed_dir))
 

@@ -71,7 +71,7 @@ def test_linear_eval_on_own_checkpoint_learns_resumes_and_evaluates(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert summary["last_acc"] == pytest.approx(100 * metrics["last"]["metrics"]["acc"])
     assert (out / "confusion_matrix.png").stat().st_size > 0
-    saved = torch.load(out / "checkpoint.pth", weights_only=False)["state_dict"]
+    saved = torch.load(out / "checkpoint.pth")["state_dict"]
     assert set(saved) == {"weight", "bias"}  # the classifier only; the backbone comes from --pretrained_weights
 
     eval_linear.run([*common, "--epochs", "3"])  # resumes at epoch 2

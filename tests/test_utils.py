@@ -201,3 +201,30 @@ def test_keep_freed_memory_stops_page_faulting_reused_buffers():
 
     assert page_faults_of_ten_steps("default") > 10 * 16_384  # the 64 MB buffer is mapped in anew every step
     assert page_faults_of_ten_steps("keep") < 2 * 16_384
+
+
+def test_fused_sgd_through_a_frozen_parameter_equals_torchs_plain_sgd():
+    """A parameter without gradients for the first steps (DINO's frozen prototypes), then with: the fused SGD
+    (its momentum buffers started at zero) follows the plain per-tensor SGD exactly."""
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+        groups = utils.get_params_groups(model)
+        if fused:
+            optimizer = utils.build_optimizer("sgd", groups)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9, foreach=False)
+        for step in range(4):
+            for i, group in enumerate(optimizer.param_groups):
+                group["lr"] = 0.1
+                if i == 0:  # the regularised group, as main_dino_mc schedules it
+                    group["weight_decay"] = 0.04
+            model(torch.randn(5, 4)).square().sum().backward()
+            if step < 2:
+                model[1].weight.grad = None  # frozen, as cancel_gradients_last_layer does
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for fused_param, plain_param in zip(*results, strict=True):
+        torch.testing.assert_close(fused_param, plain_param)
