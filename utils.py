@@ -229,9 +229,10 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--precision",
         default=None,
-        choices=["fp32", "fp16", "bf16"],
+        choices=["fp32", "fp16", "bf16", "auto"],
         help="Training precision. fp16 = CUDA autocast with a GradScaler; bf16 = autocast on CPU "
-        "or CUDA. Default: fp16 on CUDA when --use_fp16 is true (DINO's default), else fp32.",
+        "or CUDA; auto = bf16 where the GPU or CPU computes it natively, else fp16 on CUDA and fp32 on CPU. "
+        "Default: fp16 on CUDA when --use_fp16 is true (DINO's default), else fp32.",
     )
     group.add_argument(
         "--use_fp16",
@@ -241,13 +242,39 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this x86 CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX).
+
+    Why it matters: without them torch emulates bf16 through conversions to fp32, and a CPU training step
+    runs about 3x SLOWER than in fp32 (ViT-Tiny DINO-MC step: 5.7 s in bf16 against 1.7 s in fp32 on an
+    AVX-512 Xeon without bf16). Other CPUs (ARM, Apple) report False: fp32 is the safe choice there.
+    """
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def resolve_precision(args: argparse.Namespace, device: str | torch.device) -> str:
-    """The precision to run at: --precision if given, else DINO's --use_fp16 (which only applies on CUDA)."""
+    """The precision to run at: --precision if given (``auto``: bf16 where native, else fp16 on CUDA and fp32
+    on CPU), else DINO's --use_fp16 (which only applies on CUDA). bf16 on a CPU without native bf16 runs,
+    with a one-line warning."""
     on_cuda = torch.device(device).type == "cuda"
     if args.precision is None:
         return "fp16" if (args.use_fp16 and on_cuda) else "fp32"
     if args.precision == "fp16" and not on_cuda:
         fail("--precision fp16 needs a CUDA device; on CPU use --precision bf16 or fp32")
+    if args.precision == "auto":
+        if on_cuda:
+            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+        else:
+            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+        print(f"--precision auto: {precision} on this {'GPU' if on_cuda else 'CPU'}", flush=True)
+        return precision
+    if args.precision == "bf16" and not on_cuda and not cpu_has_native_bf16():
+        print(
+            "warning: --precision bf16 on a CPU without native bf16 (no AVX512-BF16 / AMX) runs about 3x slower "
+            "than fp32; use --precision fp32 (or auto)",
+            file=sys.stderr,
+            flush=True,
+        )
     return args.precision
 
 
