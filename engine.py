@@ -11,7 +11,7 @@ Everything else is here, once:
   (``utils.save_checkpoint``), resumed from automatically; the random generators are re-seeded from
   ``--seed`` and the epoch at the start of every epoch, so a resumed run repeats the uninterrupted one;
 - one JSON line per epoch in ``output_dir/log.txt`` and ``output_dir/metrics.json`` with the best and the
-  last metrics.
+  last metrics, and the split on which "best" was chosen (``best_selected_on``).
 """
 
 from __future__ import annotations
@@ -291,13 +291,28 @@ def fit(
     precision: str,
     args: argparse.Namespace,
     checkpoint_module: nn.Module | None = None,
+    eval_split: str = "val",
+    select_loader: torch.utils.data.DataLoader | None = None,
+    select_split: str | None = None,
+    select_best: bool = True,
 ) -> dict[str, Any]:
     """Train for ``args.epochs`` epochs, evaluating after each; resume from ``output_dir/checkpoint.pth``.
 
     ``scheduler`` is stepped once per epoch. ``checkpoint_module`` is what the checkpoints hold (default:
-    the whole model; the linear probe saves only its classifier). Returns ``{"best": ..., "last": ...}``,
-    each ``{"epoch": int, "metrics": {...}}``, which is also written to ``output_dir/metrics.json``.
+    the whole model; the linear probe saves only its classifier). Returns ``{"best": ..., "last": ...,
+    "best_selected_on": ...}``, each entry ``{"epoch": int, "metrics": {...}}`` with the metrics of the
+    ``eval_split`` evaluated by ``eval_loader``; the same is written to ``output_dir/metrics.json``.
+
+    Which split picks "best" (and ``checkpoint_best.pth``) is always recorded as ``best_selected_on``, since a
+    best epoch picked on the split it is then reported on is an optimistic number: by default the evaluated
+    split itself; with ``select_loader`` another split, ``select_split`` (e.g. validation cities held out of
+    the train set), whose metrics go in each entry's ``selection_metrics``; with ``select_best=False`` none
+    (``best_selected_on`` null, "best" is the last epoch).
     """
+    if select_loader is not None and (select_split is None or not select_best):
+        raise ValueError("a select_loader needs its select_split name and select_best=True")
+    best_selected_on = (select_split if select_loader is not None else eval_split) if select_best else None
+    selection_key = "selection_metrics" if select_loader is not None else "metrics"
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_module = checkpoint_module if checkpoint_module is not None else model
@@ -325,24 +340,30 @@ def fit(
 
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
-        utils.fix_random_seeds(args.seed + epoch)  # a resumed run draws exactly what the uninterrupted one did
+        utils.fix_random_seeds(args.seed, epoch)  # a resumed run draws exactly what the uninterrupted one did
         train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(train_model, task, train_loader, optimizer, epoch, scaler, precision, args)
         scheduler.step()
         metrics = evaluate(model, task, eval_loader, precision, args)
         state["last"] = {"epoch": epoch, "metrics": metrics}
+        if select_loader is not None:
+            state["last"]["selection_metrics"] = evaluate(model, task, select_loader, precision, args)
+        score = state["last"][selection_key][task.main_metric]
         best = state["best"]
-        is_best = best is None or metrics[task.main_metric] > best["metrics"][task.main_metric]
+        is_best = not select_best or best is None or score > best[selection_key][task.main_metric]
         if is_best:
             state["best"] = state["last"]
+        chosen = "last epoch: no selection" if not select_best else f"selected on {best_selected_on}"
         print(
-            f"Epoch {epoch}: {task.main_metric} {metrics[task.main_metric]:.4f} "
-            f"(best {state['best']['metrics'][task.main_metric]:.4f} at epoch {state['best']['epoch']})"
+            f"Epoch {epoch}: {eval_split} {task.main_metric} {metrics[task.main_metric]:.4f} "
+            f"(best at epoch {state['best']['epoch']}, {chosen})"
         )
 
         if utils.is_main_process():
             log_stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
             log_stats.update({f"val_{k}": v for k, v in scalars(metrics).items()})
+            if select_loader is not None:
+                log_stats.update({f"select_{k}": v for k, v in scalars(state["last"][selection_key]).items()})
             utils.append_json_log(log_path, log_stats)
             checkpoint = {
                 "state_dict": checkpoint_module.state_dict(),
@@ -355,16 +376,17 @@ def fit(
             }
             if scaler is not None:
                 checkpoint["scaler"] = scaler.state_dict()
-            utils.save_checkpoint(checkpoint, output_dir / "checkpoint.pth")
+            # The best first: a kill between the two writes then redoes this epoch, which writes the best again.
+            # In the other order checkpoint.pth would already call this epoch the best while
+            # checkpoint_best.pth still held an older model, and no later epoch would overwrite it.
             if is_best:
                 utils.save_checkpoint(checkpoint, output_dir / "checkpoint_best.pth")
-            _write_json(
-                {"main_metric": task.main_metric, "best": state["best"], "last": state["last"]},
-                output_dir / "metrics.json",
-            )
+            utils.save_checkpoint(checkpoint, output_dir / "checkpoint.pth")
+            summary = {"main_metric": task.main_metric, "eval_split": eval_split, "best_selected_on": best_selected_on}
+            _write_json({**summary, "best": state["best"], "last": state["last"]}, output_dir / "metrics.json")
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total}")
-    return {"best": state["best"], "last": state["last"]}
+    return {"best": state["best"], "last": state["last"], "best_selected_on": best_selected_on}
 
 
 def evaluate_checkpoint(

@@ -128,7 +128,16 @@ def main(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.SGD(model.linear.parameters(), lr=engine.scaled_lr(args), momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
     result = engine.fit(
-        model, task, train_loader, eval_loader, optimizer, scheduler, precision, args, checkpoint_module=model.linear
+        model,
+        task,
+        train_loader,
+        eval_loader,
+        optimizer,
+        scheduler,
+        precision,
+        args,
+        checkpoint_module=model.linear,
+        eval_split=args.eval_split,
     )
     if utils.is_main_process():
         report(result["last"]["metrics"], classes, output_dir, "confusion_matrix.png")

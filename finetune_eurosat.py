@@ -140,7 +140,9 @@ def main(args: argparse.Namespace) -> dict:
         model.parameters(), lr=engine.scaled_lr(args), momentum=0.9, weight_decay=args.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
-    result = engine.fit(model, task, train_loader, eval_loader, optimizer, scheduler, precision, args)
+    result = engine.fit(
+        model, task, train_loader, eval_loader, optimizer, scheduler, precision, args, eval_split=args.eval_split
+    )
     if utils.is_main_process():
         report(result["last"]["metrics"], classes, output_dir, "confusion_matrix.png")
         best = result["best"]

@@ -9,16 +9,26 @@ On-disk format (``BigEarthNet-S2-v1.0.tar.gz`` unpacked; ``root`` is ``BigEarthN
 reflectance x 10000; B02 B03 B04 B08 120x120, B05 B06 B07 B8A B11 B12 60x60, B01 B09 20x20) and
 ``<patch>_labels_metadata.json`` whose ``labels`` are CORINE level-3 names (the 43-class nomenclature).
 
-Splits (looked up in ``split_dir``, default: ``root``, the patch folder and its parent):
+Splits (looked up in ``split_dir``, else in ``root``, the patch folder and its parent), every published naming:
 
-- SeCo/DINO-MC lists ``bigearthnet-{train,val,test}.txt`` (preferred when both styles are present, since they
-  are the DINO-MC protocol), or the official 19-class lists ``{train,val,test}.csv`` (one patch per line, or
-  ``S2name,S1name``). Patches listed in ``patches_with_seasonal_snow.csv`` / ``patches_with_cloud_and_shadow.csv``
-  are removed whenever those files are present (the official lists already exclude them).
-- No split file: every patch is used and a warning says so.
+- ``bigearthnet-{train,val,test}.txt``: the SeCo/DINO-MC lists (preferred when several namings are present,
+  since they are the DINO-MC protocol);
+- ``bigearthnet-{train,val,test}.csv``: the official 19-class lists as torchgeo's downloader stores them;
+- ``{train,val,test}.csv``: the official 19-class lists under their own names.
 
-Patches without any of the 19 classes are dropped. Items are ``(image, target)``: image uint8 (C, 120, 120) after the
-SeCo/DINO-MC per-band stretch (:func:`normalize_to_uint8`), target a float32 multi-hot vector over ``CLASSES_19``.
+Every list holds one patch per line, alone or with its Sentinel-1 partner (``S2name,S1name``, either order: the
+field that is a Sentinel-2 patch name is taken; a first line without one is a header). Patches listed in
+``patches_with_seasonal_snow.csv`` / ``patches_with_cloud_and_shadow.csv`` are removed whenever those files are
+present (the official lists already exclude them). An explicit ``split_dir`` without the split's list, or a list
+for some splits but not this one, is a DataError (training on one list and evaluating on every patch would mix
+the splits); with no list at all and no ``split_dir``, every patch is used and a warning says so. A split left
+with no patch is a DataError naming the split and the folder.
+
+Classes: ``num_classes=19`` (default, the nomenclature of the DINO-MC results) maps the CORINE labels with
+:data:`LABEL_43_TO_19` and drops patches without any of the 19 classes; ``num_classes=43`` keeps the original
+43 labels (:data:`LABELS_43`, in the order of BigEarthNet's ``label_indices.json``). Items are
+``(image, target)``: image uint8 (C, 120, 120) after the SeCo/DINO-MC per-band stretch
+(:func:`normalize_to_uint8`), target a float32 multi-hot vector over ``class_names``.
 """
 
 from __future__ import annotations
@@ -40,6 +50,9 @@ PATCH_SIZE = (120, 120)
 PATCH_FOLDER = "BigEarthNet-v1.0"
 PATCH_NAME = re.compile(r"^S2[AB]_MSIL2A_\d{8}T\d+_\d+_\d+$")
 SPLITS = ("train", "val", "test")
+# Names of a split's list, in order of preference (see the module docstring).
+SPLIT_FILE_NAMES = ("bigearthnet-{split}.txt", "bigearthnet-{split}.csv", "{split}.csv")
+NUM_CLASSES = (19, 43)
 EXCLUSION_FILES = ("patches_with_seasonal_snow.csv", "patches_with_cloud_and_shadow.csv")
 
 # The 43 CORINE level-3 labels in the order of BigEarthNet's label_indices.json.
@@ -82,8 +95,8 @@ LABELS_43: tuple[str, ...] = (
     "Salt marshes",
     "Salines",
     "Intertidal flats",
-    "Water bodies",
     "Water courses",
+    "Water bodies",
     "Coastal lagoons",
     "Estuaries",
     "Sea and ocean",
@@ -121,16 +134,35 @@ LABEL_43_TO_19: dict[int, int] = {
 }  # fmt: skip
 
 
+def _label_indices(labels: list[str]) -> list[int]:
+    """Positions of a patch's CORINE names in :data:`LABELS_43`; an unknown name is a ValueError."""
+    unknown = [name for name in labels if name not in LABELS_43]
+    if unknown:
+        raise ValueError(f"unknown BigEarthNet label {unknown[0]!r}; expected one of the 43 CORINE level-3 names")
+    return [LABELS_43.index(name) for name in labels]
+
+
 def labels_to_19(labels: list[str]) -> np.ndarray:
     """Multi-hot float32 vector over CLASSES_19 for a patch's CORINE labels; all zeros if none maps."""
     target = np.zeros(len(CLASSES_19), dtype=np.float32)
-    for name in labels:
-        if name not in LABELS_43:
-            raise ValueError(f"unknown BigEarthNet label {name!r}; expected one of the 43 CORINE level-3 names")
-        index = LABEL_43_TO_19.get(LABELS_43.index(name))
-        if index is not None:
-            target[index] = 1.0
+    for index in _label_indices(labels):
+        if index in LABEL_43_TO_19:
+            target[LABEL_43_TO_19[index]] = 1.0
     return target
+
+
+def labels_to_43(labels: list[str]) -> np.ndarray:
+    """Multi-hot float32 vector over LABELS_43 (the original nomenclature) for a patch's CORINE labels."""
+    target = np.zeros(len(LABELS_43), dtype=np.float32)
+    target[_label_indices(labels)] = 1.0
+    return target
+
+
+def class_names(num_classes: int) -> tuple[str, ...]:
+    """The class names of the 19- or 43-class nomenclature, in target order."""
+    if num_classes not in NUM_CLASSES:
+        raise ValueError(f"--num_classes must be 19 or 43 (the BigEarthNet nomenclatures), got {num_classes}")
+    return CLASSES_19 if num_classes == 19 else LABELS_43
 
 
 def band_file_name(band: str) -> str:
@@ -177,12 +209,31 @@ def save_patch_list(patches: list[str], path: str | Path) -> Path:
 
 
 def read_patch_list(path: Path) -> list[str]:
-    """Patch names of a split or exclusion file: the first comma-separated field of every non-empty line."""
-    return [line.split(",")[0].strip() for line in path.read_text().splitlines() if line.strip()]
+    """Sentinel-2 patch names of a split or exclusion file: on every non-empty line, the comma-separated field
+    that is one (the official lists pair each S2 patch with its S1 partner). A first line without a patch name
+    is a header and skipped; any later one is a DataError naming the file and the line."""
+    patches: list[str] = []
+    lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    for position, (number, line) in enumerate(lines):
+        name = next((f.strip() for f in line.split(",") if PATCH_NAME.match(f.strip())), None)
+        if name is not None:
+            patches.append(name)
+        elif position > 0:
+            raise DataError(f"{path} line {number}: {line!r} holds no Sentinel-2 patch name (S2[AB]_MSIL2A_...)")
+    return patches
+
+
+def find_split_file(folders: list[Path], split: str) -> Path | None:
+    """The first list of ``split`` in ``folders``, by the preference order of :data:`SPLIT_FILE_NAMES`."""
+    for pattern in SPLIT_FILE_NAMES:
+        for folder in folders:
+            if (folder / pattern.format(split=split)).is_file():
+                return folder / pattern.format(split=split)
+    return None
 
 
 class BigEarthNet(torch.utils.data.Dataset):
-    """BigEarthNet-S2 v1.0 patches of one split with 19-class multi-hot targets.
+    """BigEarthNet-S2 v1.0 patches of one split with 19- or 43-class multi-hot targets.
 
     ``split=None`` uses every patch found. ``train_frac`` keeps a seeded fraction of the train split (only
     the train split: evaluating on a subsample makes numbers incomparable); save it with :func:`save_patch_list`.
@@ -199,11 +250,14 @@ class BigEarthNet(torch.utils.data.Dataset):
         split_dir: str | Path | None = None,
         train_frac: float | None = None,
         seed: int = 0,
+        num_classes: int = 19,
     ):
         if split is not None and split not in SPLITS:
             raise ValueError(f"BigEarthNet split must be one of {', '.join(SPLITS)} or None, got {split!r}")
         if train_frac is not None and split != "train":
             raise ValueError(f"--train_frac only applies to the train split, not to split={split!r}")
+        self.class_names = class_names(num_classes)
+        self._encode = labels_to_19 if num_classes == 19 else labels_to_43
         self.bands = parse_bands(bands)
         if "B10" in self.bands:
             raise ValueError("BigEarthNet (L2A) has no B10; choose among B1-B9, B8A, B11, B12")
@@ -222,14 +276,9 @@ class BigEarthNet(torch.utils.data.Dataset):
         else:
             search = list(dict.fromkeys([root, self.root, self.root.parent]))
 
-        self.split_file = self._find_split_file(search, split)
+        explicit = split_dir is not None
+        self.split_file = None if split is None else self._split_file(search, split, explicit, len(available))
         if self.split_file is None:
-            if split is not None:
-                warnings.warn(
-                    f"no bigearthnet-{split}.txt or {split}.csv in {', '.join(map(str, search))}; "
-                    f"using all {len(available)} patches of {self.root} (split={split!r} ignored)",
-                    stacklevel=2,
-                )
             patches = available
         else:
             patches = read_patch_list(self.split_file)
@@ -243,34 +292,52 @@ class BigEarthNet(torch.utils.data.Dataset):
             path = next((d / name for d in search if (d / name).is_file()), None)
             if path is not None:
                 excluded |= set(read_patch_list(path))
-        patches = [p for p in patches if p not in excluded]
+        kept = [p for p in patches if p not in excluded]
 
-        targets = [self._read_target(p) for p in patches]
+        targets = [self._read_target(p) for p in kept]
         keep = [i for i, t in enumerate(targets) if t.any()]
-        self.patches = [patches[i] for i in keep]
-        self.targets = np.stack([targets[i] for i in keep]) if keep else np.zeros((0, len(CLASSES_19)), np.float32)
+        self.patches = [kept[i] for i in keep]
+        self.targets = np.stack([targets[i] for i in keep]) if keep else np.zeros((0, num_classes), np.float32)
+        if not self.patches:
+            source = f"{self.split_file} lists" if self.split_file is not None else "found"
+            raise DataError(
+                f"the BigEarthNet {split or 'whole'} split of {self.root} is empty: {source} {len(patches)} "
+                f"patch(es), {len(patches) - len(kept)} excluded as snow / cloud, {len(kept) - len(keep)} without "
+                f"any of the {num_classes} classes"
+            )
         if train_frac is not None:
             chosen = set(subset_fraction(self.patches, train_frac, seed))
             rows = [i for i, p in enumerate(self.patches) if p in chosen]
             self.patches = [self.patches[i] for i in rows]
             self.targets = self.targets[rows]
 
-    @staticmethod
-    def _find_split_file(search: list[Path], split: str | None) -> Path | None:
-        """First ``bigearthnet-<split>.txt`` (SeCo) or ``<split>.csv`` (official) in the search folders."""
-        if split is None:
-            return None
-        for name in (f"bigearthnet-{split}.txt", f"{split}.csv"):
-            for folder in search:
-                if (folder / name).is_file():
-                    return folder / name
+    def _split_file(self, search: list[Path], split: str, explicit: bool, n_available: int) -> Path | None:
+        """The list of ``split``; None (every patch, with a warning) only when no list of any split exists and
+        no folder was named: a missing list next to other lists, or in an explicit ``split_dir``, is an error."""
+        found = find_split_file(search, split)
+        if found is not None:
+            return found
+        expected = " or ".join(pattern.format(split=split) for pattern in SPLIT_FILE_NAMES)
+        if explicit:
+            raise DataError(f"--split_dir {search[0]} holds no BigEarthNet {split} list (expected {expected})")
+        others = [path for other in SPLITS if (path := find_split_file(search, other)) is not None]
+        if others:
+            raise DataError(
+                f"no BigEarthNet {split} list ({expected}) beside {others[0]}: a split without its list would "
+                f"use every patch of {self.root}, the other splits' too"
+            )
+        warnings.warn(
+            f"no BigEarthNet split lists ({expected}) in {', '.join(map(str, search))}; "
+            f"using all {n_available} patches of {self.root} (split={split!r} ignored)",
+            stacklevel=3,
+        )
         return None
 
     def _read_target(self, patch: str) -> np.ndarray:
         path = self.root / patch / f"{patch}_labels_metadata.json"
         try:
             labels = json.loads(path.read_text())["labels"]
-            return labels_to_19(labels)
+            return self._encode(labels)
         except FileNotFoundError:
             raise DataError(f"missing label file {path}") from None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:

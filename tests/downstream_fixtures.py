@@ -1,4 +1,5 @@
-"""Writers of tiny EuroSAT (RGB and MS) and OSCD datasets in their exact published on-disk layouts.
+"""Writers of tiny EuroSAT (RGB and MS) and OSCD datasets in their exact published on-disk layouts, and of
+BigEarthNet split lists under every published naming.
 
 Neither dataset can be downloaded on the build machines, so the readers are tested on fixtures that follow
 the real archives file for file (see /work/shared/reference/DATASETS.md): GeoTIFFs written with rasterio
@@ -165,3 +166,31 @@ def write_oscd(
         else:
             write_geotiff(cm_dir / f"{city}-cm.tif", change.astype(np.uint8) + 1)
     return image_dir
+
+
+def s1_partner(s2_patch: str) -> str:
+    """A Sentinel-1 patch name in the official pairing style (``S1A_IW_GRDH_1SDV_<date>T<time>_<tile>_<h>_<v>``)."""
+    date, h, v = s2_patch.split("_")[2][:8], *s2_patch.split("_")[-2:]
+    return f"S1A_IW_GRDH_1SDV_{date}T165043_33UUP_{h}_{v}"
+
+
+def write_bigearthnet_lists(
+    folder: Path, splits: dict[str, list[str]], pattern: str, columns: str = "s2", header: bool = False
+) -> list[Path]:
+    """Split lists ``folder/<pattern with {split}>`` as other tools leave them: ``pattern`` e.g. "{split}.csv"
+    (official), "bigearthnet-{split}.csv" (torchgeo's downloader), "bigearthnet-{split}.txt" (SeCo);
+    ``columns`` "s2" (one name per line), "s2,s1" (the official / torchgeo pairs) or "s1,s2"; ``header`` adds
+    a first line of column names."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for split, patches in splits.items():
+        rows = []
+        for patch in patches:
+            pair = {"s2": patch, "s1": s1_partner(patch)}
+            rows.append(",".join(pair[c] for c in columns.split(",")))
+        head = [columns.replace("s2", "S2 name").replace("s1", "S1 name")] if header else []
+        path = folder / pattern.format(split=split)
+        path.write_text("".join(f"{row}\n" for row in head + rows))
+        written.append(path)
+    return written

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from downstream_fixtures import s1_partner, write_bigearthnet_lists
 
 from datasets import DataError
 from datasets.bands import BIGEARTHNET_MEAN_STD, S2_BANDS
 from datasets.bigearthnet import (
     CLASSES_19,
+    LABEL_43_TO_19,
     LABELS_43,
     BigEarthNet,
     labels_to_19,
+    labels_to_43,
     normalize_to_uint8,
     read_patch_list,
     save_patch_list,
@@ -39,16 +43,25 @@ EXPECTED_19 = {
     # Transitional woodland/shrub (28 -> 13)
     "S2A_MSIL2A_20171221T112501_56_35": [5, 6, 8, 13],
     # Coniferous forest (23 -> 9), Mixed forest (24 -> 10), Transitional woodland/shrub (28 -> 13),
-    # Peatbogs (34 -> 15), Water bodies (38 -> 17)
+    # Peatbogs (34 -> 15), Water bodies (39 -> 17)
     "S2B_MSIL2A_20170924T93020_69_24": [9, 10, 13, 15, 17],
     # Non-irrigated arable land (11 -> 2), Coniferous forest (23 -> 9), Mixed forest (24 -> 10)
     "S2B_MSIL2A_20180204T94161_57_38": [2, 9, 10],
 }
 PATCHES = sorted(EXPECTED_19)
+# The same patches in the original 43-class nomenclature (label_indices.json order), from the same JSON files.
+EXPECTED_43 = {
+    "S2A_MSIL2A_20170613T101031_87_48": [11, 20],
+    "S2A_MSIL2A_20170617T113321_36_85": [11, 17],
+    "S2A_MSIL2A_20170617T113321_4_55": [17],
+    "S2A_MSIL2A_20171221T112501_56_35": [19, 20, 22, 28],
+    "S2B_MSIL2A_20170924T93020_69_24": [23, 24, 28, 34, 39],  # 39 = Water bodies
+    "S2B_MSIL2A_20180204T94161_57_38": [11, 23, 24],
+}
 
 
-def multi_hot(indices: list[int]) -> np.ndarray:
-    target = np.zeros(19, dtype=np.float32)
+def multi_hot(indices: list[int], num_classes: int = 19) -> np.ndarray:
+    target = np.zeros(num_classes, dtype=np.float32)
     target[indices] = 1
     return target
 
@@ -136,10 +149,80 @@ def test_split_files_next_to_patch_folder_are_found(tmp_path):
     assert BigEarthNet(tmp_path / "BigEarthNet-v1.0", "val").patches == [PATCHES[0]]
 
 
-def test_missing_split_file_warns_and_uses_all_patches(tmp_path):
+def test_no_list_anywhere_warns_and_uses_all_patches(tmp_path):
+    root = link_patches(tmp_path / "BigEarthNet-v1.0", PATCHES)
     with pytest.warns(UserWarning, match="using all 6 patches"):
-        ds = BigEarthNet(ROOT, "val", split_dir=tmp_path)
-    assert ds.patches == PATCHES
+        ds = BigEarthNet(tmp_path, "val")
+    assert ds.patches == PATCHES and ds.split_file is None
+    assert BigEarthNet(root).patches == PATCHES  # split=None: every patch, no list looked for
+
+
+def test_explicit_split_dir_without_lists_is_an_error(tmp_path):
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "val.txt").write_text(PATCHES[0] + "\n")  # not a published name: ignored
+    expected = "holds no BigEarthNet val list (expected bigearthnet-val.txt or bigearthnet-val.csv or val.csv)"
+    with pytest.raises(DataError, match=f"--split_dir {tmp_path / 'splits'} {re.escape(expected)}"):
+        BigEarthNet(ROOT, "val", split_dir=tmp_path / "splits")
+
+
+def test_a_split_without_its_list_beside_other_lists_is_an_error(tmp_path):
+    link_patches(tmp_path / "BigEarthNet-v1.0", PATCHES)
+    write_bigearthnet_lists(tmp_path, {"train": PATCHES[:4]}, "bigearthnet-{split}.csv", "s2,s1")
+    assert BigEarthNet(tmp_path, "train").patches == PATCHES[:4]
+    with pytest.raises(DataError, match=r"no BigEarthNet val list .* beside .*bigearthnet-train\.csv"):
+        BigEarthNet(tmp_path, "val")
+
+
+@pytest.mark.parametrize("pattern", ["{split}.csv", "bigearthnet-{split}.csv", "bigearthnet-{split}.txt"])
+@pytest.mark.parametrize(("columns", "header"), [("s2", False), ("s2,s1", False), ("s1,s2", False), ("s2,s1", True)])
+def test_every_published_list_naming_and_column_layout(tmp_path, pattern, columns, header):
+    """Official names, torchgeo's downloader names, SeCo's; one column, S2,S1 pairs (either order), a header."""
+    link_patches(tmp_path / "BigEarthNet-v1.0", PATCHES)
+    splits = {"train": PATCHES[:3], "val": PATCHES[3:5], "test": PATCHES[5:]}
+    write_bigearthnet_lists(tmp_path, splits, pattern, columns, header)
+    for split, patches in splits.items():
+        ds = BigEarthNet(tmp_path, split)
+        assert ds.split_file == tmp_path / pattern.format(split=split)
+        assert ds.patches == patches
+        assert np.array_equal(ds.targets, np.stack([multi_hot(EXPECTED_19[p]) for p in patches]))
+
+
+def test_seco_lists_preferred_over_the_official_ones(tmp_path):
+    write_bigearthnet_lists(tmp_path, {"val": PATCHES[:1]}, "{split}.csv")
+    write_bigearthnet_lists(tmp_path, {"val": PATCHES[1:2]}, "bigearthnet-{split}.csv", "s2,s1")
+    assert BigEarthNet(ROOT, "val", split_dir=tmp_path).patches == PATCHES[1:2]
+    write_bigearthnet_lists(tmp_path, {"val": PATCHES[2:3]}, "bigearthnet-{split}.txt")
+    assert BigEarthNet(ROOT, "val", split_dir=tmp_path).patches == PATCHES[2:3]
+
+
+def test_list_line_without_a_patch_name_is_an_error(tmp_path):
+    (tmp_path / "train.csv").write_text(f"{PATCHES[0]},{s1_partner(PATCHES[0])}\nnot a patch,nor this\n")
+    with pytest.raises(DataError, match=r"train\.csv line 2: 'not a patch,nor this' holds no Sentinel-2 patch name"):
+        BigEarthNet(ROOT, "train", split_dir=tmp_path)
+
+
+def test_split_emptied_by_the_exclusion_lists_is_an_error(tmp_path):
+    (tmp_path / "val.csv").write_text(f"{PATCHES[1]}\n{PATCHES[3]}\n")
+    (tmp_path / "patches_with_seasonal_snow.csv").write_text(PATCHES[1] + "\n")
+    (tmp_path / "patches_with_cloud_and_shadow.csv").write_text(PATCHES[3] + "\n")
+    expected = f"the BigEarthNet val split of {ROOT} is empty: {tmp_path / 'val.csv'} lists 2 patch(es), 2 excluded"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        BigEarthNet(ROOT, "val", split_dir=tmp_path)
+
+
+def test_43_class_order_and_targets():
+    assert LABELS_43[38] == "Water courses" and LABELS_43[39] == "Water bodies"
+    assert LABEL_43_TO_19[38] == LABEL_43_TO_19[39] == CLASSES_19.index("Inland waters")
+    assert labels_to_43(["Water bodies", "Sea and ocean"]).nonzero()[0].tolist() == [39, 42]
+    ds = BigEarthNet(ROOT, num_classes=43)
+    assert ds.class_names == LABELS_43 and ds.targets.shape == (6, 43) and ds.patches == PATCHES
+    for patch, target in zip(ds.patches, ds.targets):
+        assert np.array_equal(target, multi_hot(EXPECTED_43[patch], 43)), patch
+    assert ds[4][1].nonzero().flatten().tolist() == EXPECTED_43[PATCHES[4]]
+    # Labels without a 19-class counterpart keep a patch in the 43-class task.
+    assert labels_to_43(["Port areas"]).sum() == 1 and not labels_to_19(["Port areas"]).any()
+    with pytest.raises(ValueError, match="19 or 43"):
+        BigEarthNet(ROOT, num_classes=20)
 
 
 def test_train_frac_without_replacement_seeded_and_saved(tmp_path):

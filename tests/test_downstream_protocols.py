@@ -1,0 +1,79 @@
+"""Issue-13 behaviour of the downstream scripts: data as other tools leave it, empty splits, on which split "best"
+is chosen (metrics.json), and the documented flag sets that reproduce the published scripts' settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from downstream_fixtures import write_bigearthnet_lists
+from test_bigearthnet import DATA, EXPECTED_43, PATCHES, link_patches
+from torchvision.transforms import v2
+
+import finetune_bigearthnet
+from datasets.bigearthnet import LABELS_43
+from datasets.transforms import BICUBIC
+
+BEN_FAST = ["--arch", "resnet18", "--pretrained_weights", "none", "--input_size", "32", "--num_workers", "0"]
+BEN_FAST += ["--batch_size_per_gpu", "2", "--print_freq", "100", "--epochs", "1"]
+needs_ben = pytest.mark.skipif(not DATA.is_dir(), reason=f"real sample data {DATA} missing (not in a user's clone)")
+
+
+def expect_exit_2(run, argv, capsys) -> str:
+    """Run a script's CLI entry, require exit code 2 and exactly one stderr line; return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@needs_ben
+def test_bigearthnet_torchgeo_lists_43_classes_and_published_flags(tmp_path, capsys):
+    """torchgeo's downloader layout (bigearthnet-*.csv with S2,S1 pairs beside BigEarthNet-v1.0/), the 43-class
+    nomenclature, and the published main_bigearthnet.py settings (no flips, values / 255, lr 1e-5, wd 2e-5)."""
+    link_patches(tmp_path / "BigEarthNet-v1.0", PATCHES)
+    write_bigearthnet_lists(tmp_path, {"train": PATCHES[:4], "val": PATCHES[4:]}, "bigearthnet-{split}.csv", "s2,s1")
+    out = tmp_path / "out"
+    published = ["--lr", "1e-5", "--weight_decay", "2e-5", "--flips", "false", "--normalize", "false"]
+    argv = [*BEN_FAST, *published, "--num_classes", "43", "--data_path", str(tmp_path), "--output_dir", str(out)]
+    finetune_bigearthnet.run(argv)
+    printed = capsys.readouterr().out
+    assert "BigEarthNet: 4 train / 2 val patches, bands B4,B3,B2, 43 classes" in printed
+    assert "WARNING" not in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_split"] == "val" and metrics["best_selected_on"] == "val"
+    last = metrics["last"]["metrics"]
+    assert list(last["ap_per_class"]) == list(LABELS_43)
+    val_classes = {LABELS_43[i] for p in PATCHES[4:] for i in EXPECTED_43[p]}
+    assert {name for name, ap in last["ap_per_class"].items() if ap is not None} == val_classes
+    args = torch.load(out / "checkpoint.pth", weights_only=False)["args"]
+    assert (args["lr"], args["weight_decay"], args["flips"], args["normalize"]) == (1e-5, 2e-5, False, False)
+
+
+@needs_ben
+def test_bigearthnet_explicit_split_dir_without_lists_is_one_line_exit_2(tmp_path, capsys):
+    root = link_patches(tmp_path / "BigEarthNet-v1.0", PATCHES)
+    (tmp_path / "splits").mkdir()
+    argv = [*BEN_FAST, "--data_path", str(root), "--split_dir", str(tmp_path / "splits"), "--output_dir", str(tmp_path)]
+    line = expect_exit_2(finetune_bigearthnet.run, argv, capsys)
+    assert line == (
+        f"error: --split_dir {tmp_path / 'splits'} holds no BigEarthNet train list "
+        "(expected bigearthnet-train.txt or bigearthnet-train.csv or train.csv)"
+    )
+
+
+def test_bigearthnet_published_transforms_are_resize_and_to_tensor():
+    image = torch.randint(0, 256, (3, 120, 120), dtype=torch.uint8)
+    train, evaluation = finetune_bigearthnet.build_transforms(["B4", "B3", "B2"], 224, flips=False, normalize=False)
+    expected = v2.Resize((224, 224), interpolation=BICUBIC, antialias=True)(image).float() / 255.0
+    for _ in range(8):  # no random step left: every draw is the published Resize + ToTensor
+        assert torch.equal(train(image), expected)
+    assert torch.equal(evaluation(image), expected)
+    train, evaluation = finetune_bigearthnet.build_transforms(["B4", "B3", "B2"], 224)
+    torch.manual_seed(0)
+    assert any(not torch.equal(train(image), evaluation(image)) for _ in range(8))  # our default flips
+    black = torch.zeros(3, 120, 120, dtype=torch.uint8)
+    assert evaluation(black).max() < 0  # and standardises (ImageNet statistics: black is below the mean)
