@@ -401,7 +401,11 @@ class MultiCropWrapper(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: nn.Module, pack_crops: bool = True):
         super().__init__()
-        backbone.fc, backbone.head = nn.Identity(), nn.Identity()
+        # DINO removes a classifier here. Only a plain Linear one: the ``head`` of a timm ConvNeXt / MaxViT /
+        # CoAtNet built with num_classes=0 (:func:`build_backbone`) pools and normalises the pre-logit feature.
+        for name in ("fc", "head"):
+            if isinstance(getattr(backbone, name, None), nn.Linear):
+                setattr(backbone, name, nn.Identity())
         self.backbone = backbone
         self.head = head
         self.pack_crops = pack_crops
@@ -988,15 +992,17 @@ def _pick_state_dict(checkpoint: Any, checkpoint_key: str, path: Path) -> dict[s
     )
 
 
-def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop DDP's ``module.`` and the multi-crop wrapper's ``backbone.`` prefixes, and the projection head
-    (``head.*``) or torchvision classifier (``fc.*``), which evaluation replaces."""
-    stripped = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.").removeprefix("backbone.")
-        if not key.startswith(("head.", "fc.")):
-            stripped[key] = value
-    return stripped
+def _strip_prefixes(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's entries of a checkpoint's state dict, named as in ``expected`` (the backbone's own).
+
+    DDP's ``module.`` prefix goes. Of a multi-crop wrapper's state (``backbone.*`` + the projection ``head.*``)
+    the backbone is kept. A bare backbone state dict (DINO's releases) loses its classifier (``fc.*`` or
+    ``head.*``) unless the backbone has such keys itself: a timm ConvNeXt's ``head.norm`` is part of its feature.
+    """
+    state = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    if any(key.startswith("backbone.") for key in state):
+        return {key.removeprefix("backbone."): v for key, v in state.items() if key.startswith("backbone.")}
+    return {key: v for key, v in state.items() if key in expected or not key.startswith(("head.", "fc."))}
 
 
 def _resample_pos_embed(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -1033,7 +1039,7 @@ def load_pretrained_weights(
         print("--pretrained_weights none: using randomly initialised weights")
         return model
     path = resolve_weights_path(pretrained_weights)
-    state_dict = _strip_prefixes(_pick_state_dict(load_weights_file(path), checkpoint_key, path))
+    state_dict = _strip_prefixes(_pick_state_dict(load_weights_file(path), checkpoint_key, path), model.state_dict())
     state_dict = weight_formats.from_timm(state_dict, model.state_dict())  # timm names (torchgeo, HF hub)
     _resample_pos_embed(model, state_dict)
 
