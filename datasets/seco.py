@@ -7,8 +7,11 @@ Layouts, detected per location folder ``<root>/<location>/``:
 
 (a) per-band folders ``<location>/<acquisition id>/B1.tif ... B12.tif, B8A.tif`` (+ ``metadata.json``):
     single-band uint8 GeoTIFFs, value = clip(reflectance, 0, 1) * 255, 10 m bands 264x264, 20 m 132x132,
-    60 m 44x44. Bands are read in the order asked and bilinearly brought to the 10 m grid. Zero-padded
-    names (``B02.tif``) are accepted too.
+    60 m 44x44. Bands are read in the order asked and bilinearly brought to the acquisition's 10 m grid
+    (264x264 for SeCo) whatever the bands: the grid of its 10 m band files, so ``--bands B5`` gives 264x264
+    too (a selection without a 10 m band also reads one 10 m band file for its size; a folder with no 10 m
+    band file at all takes a band's size times its native resolution / 10). Zero-padded names (``B02.tif``)
+    are accepted too.
 (b) SeCo-100K RGB previews ``<location>/<acquisition id>.tif`` (3-band uint8 B4, B3, B2), siblings of the
     folders of (a). The published DINO-MC code trains on these only. When both exist, (a) is used.
 (c) a plain folder of images ``<location>/*.{tif,tiff,png,jpg,jpeg}``, one image per acquisition, for a
@@ -42,7 +45,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets import DataError
-from datasets.bands import RGB_BANDS, SECO_RGB_STRETCH, canonical_band, is_rgb, parse_bands
+from datasets.bands import RESOLUTION_M, RGB_BANDS, SECO_RGB_STRETCH, canonical_band, is_rgb, parse_bands
 from datasets.folder import GEOTIFF_EXTENSIONS, is_image_file, read_image
 from datasets.io import read_band, stack_bands
 from datasets.pack import SeCoPack, is_pack, write_pack
@@ -86,8 +89,21 @@ def to_seco_uint8(array: np.ndarray, path: str | Path) -> np.ndarray:
     raise DataError(f"{path} stores {array.dtype} values; expected uint8 (SeCo) or 16-bit L2A reflectance x 10000")
 
 
+TEN_M_BANDS: tuple[str, ...] = tuple(band for band, metres in RESOLUTION_M.items() if metres == 10)
+
+
+def native_grid(arrays: list[np.ndarray], bands: list[str]) -> tuple[int, int]:
+    """(H, W) of the 10 m grid implied by bands stored at their native resolutions: a 20 m band of 132x132
+    px covers the ground of 264x264 px at 10 m (the largest is taken, never downsampling a band)."""
+    sizes = [(a.shape[0] * RESOLUTION_M[b] // 10, a.shape[1] * RESOLUTION_M[b] // 10) for a, b in zip(arrays, bands)]
+    return max(sizes, key=lambda size: size[0] * size[1])
+
+
 def _band_file_names(folder: str, bands: list[str], names: list[str]) -> tuple[str, ...]:
-    """Map each requested band to its file in an acquisition folder (``B8A.tif``, or zero-padded ``B08.tif``)."""
+    """Map each requested band to its file in an acquisition folder (``B8A.tif``, or zero-padded ``B08.tif``).
+
+    Without a 10 m band among ``bands``, a 10 m band file of the folder (when there is one) is appended: its
+    size is the acquisition's 10 m grid, which the bands asked are brought to."""
     found: dict[str, str] = {}
     for name in names:
         stem, ext = os.path.splitext(name)
@@ -105,7 +121,8 @@ def _band_file_names(folder: str, bands: list[str], names: list[str]) -> tuple[s
                 f"{os.path.join(folder, band + '.tif')} is missing: every acquisition folder needs one GeoTIFF "
                 f"per requested band ({','.join(bands)})"
             )
-    return tuple(found[band] for band in bands)
+    reference = [] if any(b in TEN_M_BANDS for b in bands) else [found[b] for b in TEN_M_BANDS if b in found][:1]
+    return tuple(found[band] for band in bands) + tuple(reference)
 
 
 class SeCoDataset(Dataset):
@@ -136,8 +153,9 @@ class SeCoDataset(Dataset):
         self.tp_with_replacement = tp_with_replacement
         self.locations: list[str] = []
         # Per location, its acquisitions as (path, band file names): a folder and the file of each band in
-        # the order asked (layout a), or one image file and None (layouts b, c). Identical name tuples are
-        # shared, which keeps a million-acquisition index small.
+        # the order asked, plus a 10 m band file giving the grid when none is asked (layout a), or one image
+        # file and None (layouts b, c). Identical name tuples are shared, which keeps a million-acquisition
+        # index small.
         self._acquisitions: list[list[tuple[str, tuple[str, ...] | None]]] = []
         # A folder written by prepare_data.py: acquisitions come from its memory map, ``_channels`` picks the
         # bands asked out of the bands it stores (None: all of them, in its order).
@@ -259,10 +277,16 @@ class SeCoDataset(Dataset):
             array, rendered = read_image(path, self.bands)
             return to_seco_uint8(array, path), rendered
         arrays = []
-        for name in names:
+        for name in names[: len(self.bands)]:
             band_path = os.path.join(path, name)
             arrays.append(to_seco_uint8(read_band(band_path), band_path))
-        return stack_bands(arrays), False
+        if len(names) > len(self.bands):  # no 10 m band asked: the grid is the folder's 10 m band file's
+            grid = read_band(os.path.join(path, names[-1])).shape
+        elif any(b in TEN_M_BANDS for b in self.bands):
+            grid = None  # the 10 m bands asked are the largest: stack_bands' default
+        else:
+            grid = native_grid(arrays, self.bands)
+        return stack_bands(arrays, grid), False
 
     def load(self, index: int, acquisition: int) -> torch.Tensor:
         """One acquisition of location ``index`` as a uint8 C x H x W tensor of ``bands`` on the 10 m grid."""

@@ -51,6 +51,16 @@ def test_all_band_pack_gives_the_trees_samples_for_any_subset(band_tree, tmp_pat
     assert_same_dataset(band_tree, packed, bands)
 
 
+def test_pack_without_a_10m_band_holds_the_10m_grid(band_tree, tmp_path):
+    """--bands B5,B6 (20 m, 12 px files) packs 24x24 images, C x H x W bytes each, equal to the tree's samples."""
+    packed = pack(band_tree, tmp_path / "b5b6.pack", "B5,B6")
+    store = SeCoPack(packed)
+    assert all(store.read(i, k)[0].shape == (2, 24, 24) for i in range(3) for k in range(3))
+    assert (packed / PIXELS).stat().st_size == 3 * 3 * 2 * 24 * 24
+    assert_same_dataset(band_tree, packed, "B5,B6")
+    assert_same_dataset(band_tree, packed, "B6")
+
+
 def test_rgb_pack_of_previews_keeps_them_unstretched(tmp_path):
     tree = write_preview_layout(tmp_path / "tree", n_locations=2, n_acquisitions=3)
     assert_same_dataset(tree, pack(tree, tmp_path / "rgb.pack"), "RGB")

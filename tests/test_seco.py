@@ -79,6 +79,37 @@ def test_band_folders_native_resolutions_are_brought_to_10m_grid(tmp_path):
         assert torch.all(image[channel] == fixture_value(2, S2_BANDS.index(band)))
 
 
+BAND_SUBSETS = [*S2_BANDS, "B5,B6", "B1,B9", "B12,B1,B5", "B8A,B11,B12,B5,B6,B7", "B2,B5", "B5,B1,B4", "ALL"]
+
+
+@pytest.mark.parametrize("bands", BAND_SUBSETS)
+def test_every_band_subset_is_on_the_10m_grid(tmp_path, bands):
+    """20 m (12 px) and 60 m (4 px) bands asked alone or together still give the 10 m grid (24 px)."""
+    write_band_layout(tmp_path, n_locations=1, n_acquisitions=2)
+    dataset = SeCoDataset(tmp_path, bands=bands, data_mode="mc")
+    image = dataset.load(0, 1)
+    assert image.shape == (len(dataset.bands), SIZE_10M, SIZE_10M)
+    for channel, band in enumerate(dataset.bands):
+        assert torch.all(image[channel] == fixture_value(1, S2_BANDS.index(band))), band
+
+
+def test_folder_without_any_10m_band_file_uses_the_native_resolutions(tmp_path):
+    write_band_folder(tmp_path / "000000" / acquisition_id(0), 0, bands=("B5", "B1"))
+    image = SeCoDataset(tmp_path, bands="B1,B5").load(0, 0)
+    assert image.shape == (2, SIZE_10M, SIZE_10M)  # 4 px x 60 / 10 and 12 px x 20 / 10
+
+
+@needs_real
+@pytest.mark.parametrize("band", ["B5", "B1", "B11"])
+def test_real_sample_bands_already_on_one_grid_are_not_upsampled(band):
+    """The real sample stores every band at 101x100: the grid is its 10 m files', not size x resolution / 10."""
+    dataset = SeCoDataset(REAL_SECO, bands=band)
+    image = dataset.load(0, 0)
+    assert image.shape == (1, 101, 100)
+    expected = _read(REAL_SECO / "000000" / dataset.acquisition_names(0)[0] / f"{band}.tif")
+    np.testing.assert_array_equal(image[0].numpy(), expected)
+
+
 def test_zero_padded_band_file_names_are_accepted(tmp_path):
     write_band_layout(tmp_path, n_locations=1, n_acquisitions=2, zero_padded=True)
     assert (tmp_path / "000000" / acquisition_id(0) / "B02.tif").exists()
