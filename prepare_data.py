@@ -26,7 +26,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", required=True, type=str, help="Root of the SeCo-layout tree to pack.")
     parser.add_argument("--output_path", required=True, type=str, help="Pack folder to create (must not exist).")
     parser.add_argument("--bands", default="RGB", type=str, help="RGB (default), ALL, or a list such as B4,B3,B2,B8.")
-    parser.add_argument("--print_every", default=1000, type=int, help="Off a terminal, a progress line (with ETA) every this many locations.")
+    parser.add_argument("--print_every", default=1000, type=int, help="Progress line every this many locations.")
     return parser
 
 

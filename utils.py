@@ -714,6 +714,100 @@ def trim_json_log(path: str | Path, next_epoch: int) -> None:
         os.replace(tmp, path)
 
 
+class Progress:
+    """Progress of a long step with an ETA: a tqdm bar on a terminal, else a line every ``print_freq`` items
+    (a log file gets a few readable lines instead of a bar redrawn thousands of times); rank 0 only.
+
+    Wraps an iterable (``for batch in Progress(loader, "features", 10)``) or counts ``update()`` calls
+    (``Progress(None, "packed", 1000, total=n)``).
+    """
+
+    def __init__(self, iterable: Iterable | None, desc: str, print_freq: int, total: int | None = None):
+        self.iterable = iterable
+        self.total = total if total is not None else len(iterable)  # type: ignore[arg-type]
+        self.desc, self.print_freq = desc, max(1, print_freq)
+        self.count, self.start = 0, time.time()
+        self.bar = None
+        if is_main_process() and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=desc, dynamic_ncols=True)
+
+    def __iter__(self) -> Iterator:
+        for item in self.iterable:  # type: ignore[union-attr]
+            yield item
+            self.update()
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        before, self.count = self.count, self.count + n
+        crossed = self.count // self.print_freq > before // self.print_freq
+        if self.bar is not None:
+            self.bar.update(n)
+        elif is_main_process() and (crossed or self.count == self.total):
+            elapsed = time.time() - self.start
+            eta = elapsed / self.count * max(self.total - self.count, 0)
+            print(
+                f"{self.desc} [{self.count}/{self.total}] eta: {datetime.timedelta(seconds=int(eta))} "
+                f"elapsed: {datetime.timedelta(seconds=int(elapsed))}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def add_tensorboard_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tensorboard",
+        default=False,
+        type=bool_flag,
+        help="Also write the scalars of log.txt to output_dir/tb/ for TensorBoard (rank 0).",
+    )
+
+
+class TensorBoardLog:
+    """The scalars of ``log.txt`` (one point per epoch) as TensorBoard events in ``output_dir/tb``; a no-op
+    unless ``enabled`` and on rank 0.
+
+    A resumed run starts at ``start_step``. The writer records it as a restart (``purge_step``): TensorBoard
+    then drops the points of steps >= ``start_step`` left by the interrupted run (an epoch that was logged but
+    never checkpointed, which is run again), so a resumed curve has each step once. Nested dicts (per-class
+    or health metrics) become ``name/key`` tags; values that are not numbers (lists, strings) are skipped.
+    """
+
+    def __init__(self, output_dir: str | Path, enabled: bool, start_step: int = 0):
+        self.writer = None
+        if enabled and is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(output_dir) / "tb"), purge_step=start_step)
+
+    def write(self, stats: dict, step: int) -> None:
+        if self.writer is None:
+            return
+        for tag, value in _scalar_items(stats):
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()  # on disk at each epoch, as log.txt
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _scalar_items(stats: dict, prefix: str = "") -> Iterator[tuple[str, float]]:
+    for key, value in stats.items():
+        if key == "epoch":
+            continue
+        if isinstance(value, dict):
+            yield from _scalar_items(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", float(value)
+
+
 # ============================================================================================ checkpoints
 
 
@@ -902,7 +996,7 @@ def resolve_weights_path(spec: str, cache: str | Path | None = None) -> Path:
         digest = hashlib.sha256(spec.encode()).hexdigest()[:8]  # two URLs ending in the same name stay apart
 
         def fetch(dst: Path) -> None:
-            torch.hub.download_url_to_file(spec, str(dst), progress=True)
+            torch.hub.download_url_to_file(spec, str(dst), progress=sys.stderr.isatty())
 
         return _download_once(cache / f"{digest}-{name}", fetch, spec)
     drive_id = google_drive_id(spec)
