@@ -77,6 +77,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="Skip the network: run the k-NN on features saved earlier with --dump_features.",
     )
     parser.add_argument("--output_dir", default=".", type=str, help="Where knn.json is written.")
+    parser.add_argument(
+        "--print_freq", default=10, type=int, help="Feature extraction: a progress line every this many batches."
+    )
+    utils.add_tensorboard_args(parser)
     utils.add_distributed_args(parser)
     return parser
 
@@ -161,7 +165,7 @@ def extract_features(
     )
     features = torch.zeros(len(dataset), feat_dim, device=args.device)
     offset = 0
-    for images, _ in utils.MetricLogger().log_every(loader, 10, header):
+    for images, _ in utils.Progress(loader, header, args.print_freq):
         out = F.normalize(model(images.to(args.device, non_blocking=True)).float(), dim=1)
         rows = torch.tensor(indices[offset : offset + len(out)], device=args.device)
         features.index_copy_(0, rows, out)
@@ -230,6 +234,9 @@ def load_features(folder: str | Path) -> tuple[torch.Tensor, ...]:
     train_features, train_labels, test_features, test_labels = tensors
     if train_features.shape[1] != test_features.shape[1] or len(train_features) != len(train_labels):
         raise utils.ConfigError(f"--load_features {folder}: the feature and label files do not match")
+    for name, rows in (("train", train_features), ("test", test_features)):
+        if len(rows) == 0:
+            raise utils.ConfigError(f"--load_features {folder}: the {name} split is empty (0 feature rows)")
     print(f"Features loaded from {folder}/: {len(train_features)} train and {len(test_features)} test rows.")
     return tensors
 
@@ -307,6 +314,9 @@ def main(args: argparse.Namespace) -> None:
     if utils.is_main_process():
         results = evaluate(features, num_classes, args)
         (output_dir / "knn.json").write_text(json.dumps(results, indent=1) + "\n")
+        tensorboard = utils.TensorBoardLog(output_dir, args.tensorboard)
+        tensorboard.write({"knn": results, "knn_random": random_results or {}}, step=0)
+        tensorboard.close()
         n_train, n_test = len(features[0]), len(features[2])
         print(f"Weighted k-NN, T = {args.temperature}: {n_test} test images, memory bank of {n_train} images")
         print_table(results, random_results)

@@ -20,6 +20,10 @@ Splits, in order of precedence:
 3. Neither: a stratified 60/20/20 split drawn from ``seed`` (:func:`make_stratified_split`); it is kept in
    ``EuroSAT.generated_split`` so a script can write it next to its results with :func:`save_split`.
 
+A split with no image (an empty ``val/`` folder, a generated split of a folder too small to share out) is a
+DataError naming the split and the folder: every script then stops with that one line, instead of dividing by
+zero (k-NN) or reporting the NaN loss of an empty evaluation.
+
 Items are ``(image, label)``: RGB images are uint8 tensors (3, H, W); MS images are the raw uint16 values as
 float32 tensors (C, H, W) in the order of ``bands``, to be scaled with :func:`normalize`.
 """
@@ -208,6 +212,8 @@ class EuroSAT(torch.utils.data.Dataset):
             class_names |= set(_scan_class_folders(self.root / name))
         self.classes = sorted(class_names)
         files_by_class = _scan_class_folders(folder)
+        if not files_by_class:
+            raise DataError(f"the EuroSAT {self.split} split of {self.root} is empty: {folder} has no images")
         self.samples = [
             (str(folder / cls / f), self.classes.index(cls))
             for cls in sorted(files_by_class)
@@ -227,6 +233,12 @@ class EuroSAT(torch.utils.data.Dataset):
         else:
             self.generated_split = make_stratified_split(files_by_class, seed)
             selected = [(f.rsplit("_", 1)[0], f) for f in self.generated_split[self.split]]
+            if not selected:
+                raise DataError(
+                    f"the EuroSAT {self.split} split of {image_folder} is empty: without split files the seeded "
+                    f"60/20/20 split of {sum(map(len, files_by_class.values()))} images gives it none (every split "
+                    f"gets one from 4 per class); give eurosat-{{train,val,test}}.txt lists or train/ and val/ folders"
+                )
         self.samples = [(str(image_folder / cls / f), self.classes.index(cls)) for cls, f in selected]
 
     def __len__(self) -> int:

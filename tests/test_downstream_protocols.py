@@ -7,11 +7,14 @@ import json
 
 import pytest
 import torch
-from downstream_fixtures import write_bigearthnet_lists
+from downstream_fixtures import write_bigearthnet_lists, write_eurosat_rgb
 from test_bigearthnet import DATA, EXPECTED_43, PATCHES, link_patches
 from torchvision.transforms import v2
 
+import eval_knn
+import eval_linear
 import finetune_bigearthnet
+import finetune_eurosat
 from datasets.bigearthnet import LABELS_43
 from datasets.transforms import BICUBIC
 
@@ -77,3 +80,31 @@ def test_bigearthnet_published_transforms_are_resize_and_to_tensor():
     assert any(not torch.equal(train(image), evaluation(image)) for _ in range(8))  # our default flips
     black = torch.zeros(3, 120, 120, dtype=torch.uint8)
     assert evaluation(black).max() < 0  # and standardises (ImageNet statistics: black is below the mean)
+
+
+EUROSAT_FAST = ["--arch", "resnet18", "--pretrained_weights", "none", "--num_workers", "0", "--batch_size_per_gpu", "2"]
+EUROSAT_SCRIPTS = {
+    "eval_knn": (eval_knn.run, [*EUROSAT_FAST, "--resize_size", "32", "--crop_size", "32", "--nb_knn", "1"]),
+    "eval_linear": (eval_linear.run, [*EUROSAT_FAST, "--input_size", "32", "--epochs", "1"]),
+    "finetune_eurosat": (finetune_eurosat.run, [*EUROSAT_FAST, "--input_size", "32", "--epochs", "1"]),
+}
+
+
+@pytest.mark.parametrize("script", sorted(EUROSAT_SCRIPTS))
+def test_empty_evaluation_split_is_one_line_exit_2(tmp_path, capsys, script):
+    """One image per class: the generated 60/20/20 split leaves val empty. Before: ZeroDivisionError (k-NN),
+    or a "successful" run with loss NaN in metrics.json (linear probe, fine-tuning)."""
+    write_eurosat_rgb(tmp_path / "data", {"Forest": 1, "River": 1, "SeaLake": 1})
+    run, fast = EUROSAT_SCRIPTS[script]
+    out = tmp_path / "out"
+    line = expect_exit_2(run, [*fast, "--data_path", str(tmp_path / "data"), "--output_dir", str(out)], capsys)
+    assert line.startswith(f"error: the EuroSAT val split of {tmp_path / 'data' / '2750'} is empty")
+    assert not (out / "metrics.json").exists() and not (out / "knn.json").exists()
+
+
+def test_knn_on_saved_features_with_an_empty_split_is_one_line_exit_2(tmp_path, capsys):
+    features = (torch.randn(4, 8), torch.tensor([0, 1, 0, 1]), torch.zeros(0, 8), torch.zeros(0, dtype=torch.long))
+    eval_knn.save_features(tmp_path / "features", features)
+    argv = ["--load_features", str(tmp_path / "features"), "--nb_knn", "1", "--output_dir", str(tmp_path)]
+    line = expect_exit_2(eval_knn.run, argv, capsys)
+    assert line == f"error: --load_features {tmp_path / 'features'}: the test split is empty (0 feature rows)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from datasets.eurosat import (
     EUROSAT_MS_MEAN_STD,
     MS_FILE_BANDS,
     MS_SUBDIR,
+    RGB_SUBDIR,
     EuroSAT,
     make_stratified_split,
     normalize,
@@ -127,3 +129,21 @@ def test_errors(tmp_path):
         EuroSAT(tmp_path, "val")
     with pytest.raises(ValueError, match="split must be one of"):
         EuroSAT(tmp_path, "validation")
+
+
+@pytest.mark.parametrize(("per_class", "empty"), [(1, "val"), (2, "val"), (3, "test")])
+def test_generated_split_of_a_tiny_folder_refuses_an_empty_split(tmp_path, per_class, empty):
+    """1 or 2 images per class leave val without images (round(0.2 x n) = 0), 3 leave test without any."""
+    write_eurosat_rgb(tmp_path, {"Forest": per_class, "River": per_class})
+    assert len(EuroSAT(tmp_path, "train")) == 2 * round(0.6 * per_class)
+    message = f"the EuroSAT {empty} split of {tmp_path / RGB_SUBDIR} is empty: without split files the seeded"
+    with pytest.raises(DataError, match=re.escape(message) + f".* of {2 * per_class} images gives it none"):
+        EuroSAT(tmp_path, empty)
+
+
+def test_empty_split_folder_is_an_error(tmp_path):
+    write_eurosat_rgb(tmp_path, {"Forest": 2}, subdir="train")
+    (tmp_path / "val" / "Forest").mkdir(parents=True)  # the class folder is there, its images are not
+    assert len(EuroSAT(tmp_path, "train")) == 2
+    with pytest.raises(DataError, match=re.escape(f"the EuroSAT val split of {tmp_path} is empty: {tmp_path / 'val'}")):
+        EuroSAT(tmp_path, "val")
