@@ -74,6 +74,7 @@ def add_finetune_args(
     group.add_argument("--output_dir", default=".", type=str, help="Checkpoints, logs and metrics go here.")
     group.add_argument("--seed", default=seed, type=int, help="Random seed.")
     group.add_argument("--print_freq", default=20, type=int, help="Log a line every this many iterations.")
+    utils.add_tensorboard_args(group)
     utils.add_pretrained_args(parser)
     utils.add_precision_args(parser)
     utils.add_distributed_args(parser)
@@ -335,6 +336,7 @@ def fit(
     log_path = output_dir / "log.txt"
     if utils.is_main_process():
         utils.trim_json_log(log_path, start_epoch)
+    tensorboard = utils.TensorBoardLog(output_dir, args.tensorboard, start_epoch)
     if start_epoch >= args.epochs:
         print(f"The checkpoint in {output_dir} already finished {start_epoch} epochs; nothing to train.")
 
@@ -365,6 +367,7 @@ def fit(
             if select_loader is not None:
                 log_stats.update({f"select_{k}": v for k, v in scalars(state["last"][selection_key]).items()})
             utils.append_json_log(log_path, log_stats)
+            tensorboard.write(log_stats, epoch)
             checkpoint = {
                 "state_dict": checkpoint_module.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -384,6 +387,7 @@ def fit(
             utils.save_checkpoint(checkpoint, output_dir / "checkpoint.pth")
             summary = {"main_metric": task.main_metric, "eval_split": eval_split, "best_selected_on": best_selected_on}
             _write_json({**summary, "best": state["best"], "last": state["last"]}, output_dir / "metrics.json")
+    tensorboard.close()
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total}")
     return {"best": state["best"], "last": state["last"], "best_selected_on": best_selected_on}

@@ -82,6 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Training / optimisation parameters
     utils.add_precision_args(parser)
+    utils.add_tensorboard_args(parser)
     parser.add_argument("--weight_decay", type=float, default=0.04, help="Initial weight decay.")
     parser.add_argument("--weight_decay_end", type=float, default=0.4, help="Final weight decay (cosine schedule).")
     parser.add_argument(
@@ -411,6 +412,7 @@ def main(args: argparse.Namespace) -> None:
     start_epoch = to_restore["epoch"]
     if utils.is_main_process():
         utils.trim_json_log(output_dir / "log.txt", start_epoch)
+    tensorboard = utils.TensorBoardLog(output_dir, args.tensorboard, start_epoch)
     if to_restore["rng_state"] is not None:
         restore_rng_state(to_restore["rng_state"], args.seed + start_epoch)
 
@@ -437,6 +439,7 @@ def main(args: argparse.Namespace) -> None:
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         if utils.is_main_process():  # the log line first: a kill before the checkpoint leaves a line to trim
             utils.append_json_log(output_dir / "log.txt", log_stats)
+            tensorboard.write(log_stats, epoch)
         save_dict = {
             "student": student.state_dict(),
             "teacher": teacher.state_dict(),
@@ -453,6 +456,7 @@ def main(args: argparse.Namespace) -> None:
             utils.save_on_master(save_dict, output_dir / f"checkpoint{epoch:04d}.pth")
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")
+    tensorboard.close()
 
 
 def gather_rng_states() -> list[dict]:

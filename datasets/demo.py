@@ -35,6 +35,7 @@ import rasterio
 from PIL import Image
 from rasterio.transform import Affine
 
+import utils
 from datasets.bands import RESOLUTION_M, RGB_BANDS, S2_BANDS
 from datasets.seco import stretch_rgb
 
@@ -268,12 +269,15 @@ def _write_band(path: Path, band: np.ndarray, transform, crs: str) -> None:
         dst.write(band, 1)
 
 
-def write_seco_demo(root: str | Path, n_locations: int = 64, n_acquisitions: int = 5, seed: int = 0) -> Path:
-    """Write ``n_locations`` x ``n_acquisitions`` demo acquisitions in SeCo's band-folder layout under ``root``."""
+def write_seco_demo(
+    root: str | Path, n_locations: int = 64, n_acquisitions: int = 5, seed: int = 0, print_freq: int = 16
+) -> Path:
+    """Write ``n_locations`` x ``n_acquisitions`` demo acquisitions in SeCo's band-folder layout under ``root``
+    (progress with an ETA: a bar on a terminal, else a line every ``print_freq`` locations)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     size = SECO_SIZE_10M
-    for loc in range(n_locations):
+    for loc in utils.Progress(range(n_locations), "SeCo demo locations", print_freq):
         zone = int(rng.integers(10, 60))
         tile = f"T{zone}{'CDEFGHJKLMNPQRSTUVWX'[int(rng.integers(0, 20))]}{''.join(rng.choice(list('ABCDEFGHJK'), 2))}"
         crs = f"EPSG:{32600 + zone}"
@@ -334,7 +338,7 @@ def write_eurosat_demo(root: str | Path, n_per_class: int = 40, seed: int = 0) -
 def main(args: argparse.Namespace) -> None:
     out = Path(args.output_dir)
     start = time.time()
-    write_seco_demo(out / "seco", args.n_locations, args.n_acquisitions, args.seed)
+    write_seco_demo(out / "seco", args.n_locations, args.n_acquisitions, args.seed, args.print_freq)
     print(
         f"wrote {args.n_locations} locations x {args.n_acquisitions} acquisitions (12 bands) to {out / 'seco'} "
         f"({time.time() - start:.1f} s)",
@@ -356,6 +360,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n_acquisitions", type=int, default=5, help="acquisitions (seasons) per location")
     parser.add_argument("--n_per_class", type=int, default=40, help="EuroSAT images per class")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--print_freq", type=int, default=16, help="off a terminal, a progress line every N locations")
     return parser
 
 
