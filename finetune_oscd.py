@@ -6,8 +6,13 @@ Protocol (EVALUATION.md): 96x96 tiles (edge tiles zero-padded), random flips and
 encoder is frozen unless ``--finetune_encoder``; BCEWithLogits; Adam lr 0.003 (not scaled with the batch),
 weight decay 1e-4, ExponentialLR 0.95 per epoch, 50 epochs, batch 32, seed 42. Precision, recall, F1 and IoU
 of the change class at probability 0.5 are counted over ALL valid test pixels (padding excluded), not
-averaged per batch (METHOD.md bug 8). Writes ``metrics.json`` (with the F1 of predicting change everywhere,
-the trivial baseline) and one full-size change map per test city in ``output_dir/change_maps/<city>.png``.
+averaged per batch (METHOD.md bug 8). The result is the LAST epoch's test metrics: the published script kept
+the epoch with the best test F1, an optimistic number. ``checkpoint_best.pth`` is picked on ``--val_cities``
+(train cities held out of training; default none: "best" is then the last epoch), or on the test cities with
+``--select_on_test true`` (the published selection, for comparison); ``metrics.json`` says which
+(``best_selected_on``). Cities come from ``train.txt`` / ``test.txt``, else from the label folders (said in one
+line). Writes ``metrics.json`` (with the F1 of predicting change everywhere, the trivial baseline) and one
+full-size change map per test city in ``output_dir/change_maps/<city>.png``.
 See segmentation.py for the model.
 """
 
@@ -27,7 +32,7 @@ import engine
 import utils
 from datasets import DataError
 from datasets.bands import IMAGENET_MEAN, IMAGENET_STD, is_rgb, parse_bands
-from datasets.oscd import OSCD, stitch_tiles
+from datasets.oscd import OSCD, split_cities, stitch_tiles
 from segmentation import SiameseUNet
 
 
@@ -45,6 +50,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--weight_decay", default=1e-4, type=float, help="Adam weight decay.")
     parser.add_argument("--lr_gamma", default=0.95, type=float, help="ExponentialLR factor per epoch.")
+    parser.add_argument(
+        "--val_cities",
+        default="",
+        type=str,
+        help="Comma-separated train cities held out of training to select checkpoint_best.pth by their F1 "
+        "(default: none; 'best' is then the last epoch). The reported result is always the last epoch on test.",
+    )
+    parser.add_argument(
+        "--select_on_test",
+        default=False,
+        type=utils.bool_flag,
+        help="Select checkpoint_best.pth by the test F1, as the published main_oscd.py did (optimistic; "
+        "metrics.json records it).",
+    )
     return parser
 
 
@@ -126,21 +145,50 @@ def change_task() -> engine.Task:
     )
 
 
-def build_datasets(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, OSCD, list[str]]:
+def held_out_cities(args: argparse.Namespace) -> list[str]:
+    """``--val_cities`` as a list, checked against the train cities (never a test city, never all of them)."""
+    val_cities = [c.strip() for c in args.val_cities.split(",") if c.strip()]
+    if not val_cities:
+        return []
+    if args.select_on_test:
+        raise utils.ConfigError("--val_cities and --select_on_test both choose checkpoint_best.pth; give one")
+    train_cities = split_cities(args.data_path, "train")[0]
+    unknown = [c for c in val_cities if c not in train_cities]
+    if unknown:
+        raise utils.ConfigError(
+            f"--val_cities {','.join(unknown)}: not a train city of {args.data_path} ({','.join(train_cities)})"
+        )
+    if set(val_cities) == set(train_cities):
+        raise utils.ConfigError(f"--val_cities {args.val_cities} holds out every train city; none is left to train")
+    return val_cities
+
+
+def build_datasets(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, OSCD | None, OSCD, list[str]]:
+    """Train (minus ``--val_cities``), validation (those cities, or None) and test datasets, and the bands."""
     if args.data_path is None or not Path(args.data_path).is_dir():
         raise utils.ConfigError(f"--data_path {args.data_path} is not a folder (expected an OSCD root)")
     if args.tile_size < 32:
         raise utils.ConfigError(f"--tile_size {args.tile_size}: expected >= 32 (the encoder downsamples 32x)")
     try:
         bands = parse_bands(args.bands)
-        train = OSCD(args.data_path, "train", bands, tile_size=args.tile_size, augment=True)
+        val_cities = held_out_cities(args)
+        kept = [c for c in split_cities(args.data_path, "train")[0] if c not in val_cities]
+        train = OSCD(args.data_path, "train", bands, tile_size=args.tile_size, augment=True, cities=kept)
+        val = OSCD(args.data_path, "train", bands, tile_size=args.tile_size, cities=val_cities) if val_cities else None
         test = OSCD(args.data_path, "test", bands, tile_size=args.tile_size, augment=False)
-    except DataError:
+    except (DataError, utils.ConfigError):
         raise
     except ValueError as err:
         raise utils.ConfigError(str(err)) from None
+    unlisted = [dataset for dataset in (train, test) if dataset.list_file is None]
+    if unlisted:
+        print(
+            f"OSCD: no {' / '.join(f'{d.split}.txt' for d in unlisted)}: cities taken from the folders of "
+            f"{' and '.join(str(d.label_dir) for d in unlisted)}"
+        )
+    held_out = f", {len(val.cities)} validation cities ({len(val)} tiles)" if val is not None else ""
     print(
-        f"OSCD: {len(train.cities)} train cities ({len(train)} tiles), {len(test.cities)} test cities "
+        f"OSCD: {len(train.cities)} train cities ({len(train)} tiles){held_out}, {len(test.cities)} test cities "
         f"({len(test)} tiles), bands {','.join(bands)}"
     )
     indices = engine.subset_indices(len(train), args.train_frac, args.seed)
@@ -149,8 +197,8 @@ def build_datasets(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, 
             lines = [f"{city},{row},{col}\n" for city, row, col in (train.tiles[i] for i in indices)]
             (Path(args.output_dir) / "train_tiles.txt").write_text("".join(lines))
         print(f"--train_frac {args.train_frac}: {len(indices)} of {len(train)} train tiles (train_tiles.txt)")
-        return torch.utils.data.Subset(train, indices), test, bands
-    return train, test, bands
+        return torch.utils.data.Subset(train, indices), val, test, bands
+    return train, val, test, bands
 
 
 @torch.no_grad()
@@ -181,7 +229,7 @@ def save_change_maps(model: nn.Module, test: OSCD, args: argparse.Namespace, pre
 
 def main(args: argparse.Namespace) -> dict:
     precision = engine.setup(args)
-    train_set, test_set, bands = build_datasets(args)
+    train_set, val_set, test_set, bands = build_datasets(args)
     backbone, _ = engine.build_backbone(args, in_chans=len(bands))
     try:
         model = ChangeDetector(backbone, bands, freeze_encoder=not args.finetune_encoder).to(args.device)
@@ -197,7 +245,24 @@ def main(args: argparse.Namespace) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_gamma)
-        result = engine.fit(model, task, train_loader, eval_loader, optimizer, scheduler, precision, args)
+        select_loader = engine.make_loader(val_set, args, train=False) if val_set is not None else None
+        result = engine.fit(
+            model,
+            task,
+            train_loader,
+            eval_loader,
+            optimizer,
+            scheduler,
+            precision,
+            args,
+            eval_split="test",
+            select_loader=select_loader,
+            select_split=f"val_cities:{','.join(val_set.cities)}" if val_set is not None else None,
+            select_best=val_set is not None or args.select_on_test,
+        )
+        selected = result["best_selected_on"]
+        chosen = f"selected on {selected}" if selected else "no selection split: the last epoch"
+        print(f"Result: the last epoch on test; checkpoint_best.pth is epoch {result['best']['epoch']} ({chosen})")
     if utils.is_main_process():
         save_change_maps(model, test_set, args, precision)
         final = result["metrics"] if args.evaluate is not None else result["last"]["metrics"]

@@ -10,6 +10,9 @@ On-disk format, either the archive names or the layout the published DINO-MC cod
     <root>/Onera Satellite Change Detection dataset - Test Labels/<city>/cm/cm.png   or  <root>/val_labels/...
 
 - City lists: ``train.txt`` / ``test.txt`` (one comma-separated line) in the images folder, else in ``root``.
+  Copies made by other tools (torchgeo's among them) may have no lists: the cities of a split are then the city
+  folders of its labels folder (``Train Labels`` / ``Test Labels``), and ``list_file`` is None so a script can
+  say so.
 - Images: ``<city>/imgs_1_rect/`` and ``imgs_2_rect/`` hold ``B01.tif .. B12.tif`` and ``B8A.tif`` (uint16 L1C,
   reflectance x 10000), all co-registered on the 10 m grid. Without them the raw ``imgs_1/``, ``imgs_2/``
   (``<product prefix>B01.tif`` .. at native 10/20/60 m resolution) are read and bilinearly brought to the grid
@@ -101,12 +104,45 @@ def _read_city_list(path: Path) -> list[str]:
     return [c.strip() for c in path.read_text().replace("\n", ",").split(",") if c.strip()]
 
 
+def find_folders(root: Path, split: str) -> tuple[Path, Path]:
+    """The images folder and the labels folder of ``split`` (archive names, else the DINO-MC ones)."""
+    image_dir = _first_dir(root / ARCHIVE_IMAGES, root / DINOMC_IMAGES)
+    if image_dir is None:
+        raise DataError(f"no OSCD images in {root}: expected '{ARCHIVE_IMAGES}/' or '{DINOMC_IMAGES}/'")
+    label_dir = _first_dir(root / ARCHIVE_LABELS[split], root / DINOMC_LABELS[split])
+    if label_dir is None:
+        raise DataError(
+            f"no OSCD {split} labels in {root}: expected '{ARCHIVE_LABELS[split]}/' or '{DINOMC_LABELS[split]}/'"
+        )
+    return image_dir, label_dir
+
+
+def split_cities(root: str | Path, split: str) -> tuple[list[str], Path | None]:
+    """The cities of ``split`` and the list they come from: ``<split>.txt`` in the images folder or ``root``,
+    else (None) the city folders of the split's labels folder, sorted."""
+    root = Path(root)
+    image_dir, label_dir = find_folders(root, split)
+    list_file = next((d / f"{split}.txt" for d in (image_dir, root) if (d / f"{split}.txt").is_file()), None)
+    if list_file is not None:
+        cities = _read_city_list(list_file)
+        if not cities:
+            raise DataError(f"{list_file} is empty; expected a comma-separated list of cities")
+        return cities, list_file
+    cities = sorted(p.name for p in label_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not cities:
+        raise DataError(
+            f"no {split}.txt in {image_dir} or {root}, and {label_dir} has no city folders to take the cities from"
+        )
+    return cities, None
+
+
 class OSCD(torch.utils.data.Dataset):
     """OSCD train or test cities as tiles of both dates plus the change label (see the module docstring).
 
     All cities of the split are loaded and normalised once at construction: OSCD is small (24 cities of about
-    600x600 px), and tiling then costs nothing per item. ``augment=True`` applies one random flip / 90-degree
-    rotation per item identically to both dates, the label and the mask, so the pair stays aligned.
+    600x600 px), and tiling then costs nothing per item. ``cities`` restricts the split to some of its cities
+    (e.g. train cities held out for validation). ``augment=True`` applies one random flip / 90-degree rotation
+    per item identically to both dates, the label and the mask, so the pair stays aligned.
     """
 
     def __init__(
@@ -116,6 +152,7 @@ class OSCD(torch.utils.data.Dataset):
         bands: str | list[str] | None = None,
         tile_size: int = 96,
         augment: bool = False,
+        cities: list[str] | None = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"OSCD split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -127,23 +164,17 @@ class OSCD(torch.utils.data.Dataset):
         self.tile_size = tile_size
         self.augment = augment
 
-        self.image_dir = _first_dir(self.root / ARCHIVE_IMAGES, self.root / DINOMC_IMAGES)
-        if self.image_dir is None:
-            raise DataError(f"no OSCD images in {self.root}: expected '{ARCHIVE_IMAGES}/' or '{DINOMC_IMAGES}/'")
-        self.label_dir = _first_dir(self.root / ARCHIVE_LABELS[split], self.root / DINOMC_LABELS[split])
-        if self.label_dir is None:
-            raise DataError(
-                f"no OSCD {split} labels in {self.root}: "
-                f"expected '{ARCHIVE_LABELS[split]}/' or '{DINOMC_LABELS[split]}/'"
-            )
-        list_file = next(
-            (d / f"{split}.txt" for d in (self.image_dir, self.root) if (d / f"{split}.txt").is_file()), None
-        )
-        if list_file is None:
-            raise DataError(f"no {split}.txt (comma-separated city names) in {self.image_dir} or {self.root}")
-        self.cities = _read_city_list(list_file)
-        if not self.cities:
-            raise DataError(f"{list_file} is empty; expected a comma-separated list of cities")
+        self.image_dir, self.label_dir = find_folders(self.root, split)
+        split_list, self.list_file = split_cities(self.root, split)
+        source = self.list_file if self.list_file is not None else self.label_dir
+        if cities is not None:
+            unknown = [c for c in cities if c not in split_list]
+            if unknown or not cities:
+                raise DataError(
+                    f"OSCD {split} cities {','.join(unknown) or '(none)'} asked, but the {split} cities of {source} "
+                    f"are {','.join(split_list)}"
+                )
+        self.cities = list(cities) if cities is not None else split_list
 
         self.images: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.labels: dict[str, torch.Tensor] = {}
@@ -151,7 +182,7 @@ class OSCD(torch.utils.data.Dataset):
         for city in self.cities:
             city_dir = self.image_dir / city
             if not city_dir.is_dir():
-                raise DataError(f"{list_file} lists city {city!r} but {city_dir} does not exist")
+                raise DataError(f"{source} names city {city!r} but {city_dir} does not exist")
             img1, img2 = self._load_date(city_dir, 1), self._load_date(city_dir, 2)
             if img1.shape != img2.shape:
                 raise DataError(f"{city_dir}: date 1 is {img1.shape[1:]} but date 2 is {img2.shape[1:]} pixels")

@@ -7,14 +7,17 @@ import json
 
 import pytest
 import torch
-from downstream_fixtures import write_bigearthnet_lists, write_eurosat_rgb
+from downstream_fixtures import write_bigearthnet_lists, write_eurosat_rgb, write_oscd
 from test_bigearthnet import DATA, EXPECTED_43, PATCHES, link_patches
+from test_engine import make_args, toy_data, toy_task
 from torchvision.transforms import v2
 
+import engine
 import eval_knn
 import eval_linear
 import finetune_bigearthnet
 import finetune_eurosat
+import finetune_oscd
 from datasets.bigearthnet import LABELS_43
 from datasets.transforms import BICUBIC
 
@@ -108,3 +111,107 @@ def test_knn_on_saved_features_with_an_empty_split_is_one_line_exit_2(tmp_path, 
     argv = ["--load_features", str(tmp_path / "features"), "--nb_knn", "1", "--output_dir", str(tmp_path)]
     line = expect_exit_2(eval_knn.run, argv, capsys)
     assert line == f"error: --load_features {tmp_path / 'features'}: the test split is empty (0 feature rows)"
+
+
+def fit_toy(args, **selection) -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs)
+    train = engine.make_loader(toy_data(), args, train=True)
+    evaluation = engine.make_loader(toy_data(seed=1), args, train=False)
+    return engine.fit(model, toy_task(), train, evaluation, optimizer, scheduler, "fp32", args, **selection)
+
+
+def read_log(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.txt").read_text().splitlines()]
+
+
+def test_fit_selects_best_on_the_split_it_is_given_and_says_so(tmp_path):
+    # A selection split whose labels are shifted: the better the model, the worse it scores there, so the
+    # epoch it selects differs from the evaluated split's best.
+    points, labels = toy_data(seed=2).tensors
+    shifted = torch.utils.data.TensorDataset(points, (labels + 1) % 3)
+    args = make_args(tmp_path / "held_out", epochs=4, lr=0.05)  # val accuracy 0.93, 0.97, 1, 1
+    select = engine.make_loader(shifted, args, train=False)
+    result = fit_toy(args, eval_split="test", select_loader=select, select_split="held_out")
+    log = read_log(tmp_path / "held_out")
+    select_best = max(range(4), key=lambda e: (log[e]["select_acc"], -e))
+    eval_best = max(range(4), key=lambda e: (log[e]["val_acc"], -e))
+    assert select_best != eval_best
+    metrics = json.loads((tmp_path / "held_out" / "metrics.json").read_text())
+    assert (metrics["eval_split"], metrics["best_selected_on"]) == ("test", "held_out")
+    assert metrics["best"]["epoch"] == result["best"]["epoch"] == select_best
+    assert metrics["best"]["selection_metrics"]["acc"] == log[select_best]["select_acc"]
+    assert metrics["best"]["metrics"]["acc"] == log[select_best]["val_acc"]  # reported: the test metrics
+    assert torch.load(tmp_path / "held_out" / "checkpoint_best.pth", weights_only=False)["epoch"] == select_best + 1
+
+    args = make_args(tmp_path / "default", epochs=4, lr=0.05)
+    fit_toy(args, eval_split="val")
+    metrics = json.loads((tmp_path / "default" / "metrics.json").read_text())
+    assert (metrics["eval_split"], metrics["best_selected_on"]) == ("val", "val")
+    assert metrics["best"]["epoch"] == eval_best and "selection_metrics" not in metrics["best"]
+
+    args = make_args(tmp_path / "none", epochs=4)
+    result = fit_toy(args, eval_split="test", select_best=False)
+    metrics = json.loads((tmp_path / "none" / "metrics.json").read_text())
+    assert metrics["best_selected_on"] is None and metrics["best"] == metrics["last"] and metrics["last"]["epoch"] == 3
+    assert torch.load(tmp_path / "none" / "checkpoint_best.pth", weights_only=False)["epoch"] == 4
+
+
+OSCD_CITIES = {"aa": (64, 64), "bb": (64, 48), "cc": (48, 64), "tt": (64, 64)}
+OSCD_FAST = ["--arch", "resnet18", "--pretrained_weights", "none", "--tile_size", "32", "--num_workers", "0"]
+OSCD_FAST += ["--batch_size_per_gpu", "4", "--print_freq", "100", "--epochs", "3"]
+
+
+def test_oscd_without_city_lists_and_best_selected_on_val_cities(tmp_path, capsys):
+    images = write_oscd(tmp_path / "data", OSCD_CITIES, ["aa", "bb", "cc"], ["tt"])
+    (images / "train.txt").unlink()
+    (images / "test.txt").unlink()
+    out = tmp_path / "out"
+    argv = [*OSCD_FAST, "--val_cities", "cc", "--data_path", str(tmp_path / "data"), "--output_dir", str(out)]
+    finetune_oscd.run(argv)
+    printed = capsys.readouterr().out.splitlines()
+    notices = [line for line in printed if line.startswith("OSCD: no ")]
+    labels = tmp_path / "data" / "Onera Satellite Change Detection dataset - "
+    assert notices == [
+        f"OSCD: no train.txt / test.txt: cities taken from the folders of {labels}Train Labels and {labels}Test Labels"
+    ]
+    assert "OSCD: 2 train cities (8 tiles), 1 validation cities (4 tiles), 1 test cities (4 tiles), bands B4,B3,B2" in (
+        printed
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["eval_split"], metrics["best_selected_on"]) == ("test", "val_cities:cc")
+    log = read_log(out)
+    best = max(range(3), key=lambda e: (log[e]["select_f1"], -e))
+    assert metrics["best"]["epoch"] == best and metrics["last"]["epoch"] == 2
+    assert metrics["best"]["selection_metrics"]["f1"] == log[best]["select_f1"]
+    assert metrics["last"]["metrics"]["f1"] == log[2]["val_f1"]  # the result: the last epoch on test
+    assert any(f"Change class: precision {metrics['last']['metrics']['precision']:.4f}" in line for line in printed)
+
+
+def test_oscd_default_and_published_selection(tmp_path):
+    write_oscd(tmp_path / "data", OSCD_CITIES, ["aa", "bb", "cc"], ["tt"])
+    argv = [*OSCD_FAST, "--data_path", str(tmp_path / "data")]
+    finetune_oscd.run([*argv, "--output_dir", str(tmp_path / "default")])
+    metrics = json.loads((tmp_path / "default" / "metrics.json").read_text())
+    assert metrics["best_selected_on"] is None and metrics["best"] == metrics["last"]
+    finetune_oscd.run([*argv, "--select_on_test", "true", "--output_dir", str(tmp_path / "published")])
+    metrics = json.loads((tmp_path / "published" / "metrics.json").read_text())
+    log = read_log(tmp_path / "published")
+    assert metrics["best_selected_on"] == "test"
+    assert metrics["best"]["epoch"] == max(range(3), key=lambda e: (log[e]["val_f1"], -e))
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--val_cities", "tt"], "--val_cities tt: not a train city of"),
+        (["--val_cities", "aa,bb,cc"], "--val_cities aa,bb,cc holds out every train city"),
+        (["--val_cities", "aa", "--select_on_test", "true"], "--val_cities and --select_on_test both choose"),
+    ],
+)
+def test_oscd_bad_selection_flags_are_one_line_exit_2(tmp_path, capsys, flags, expected):
+    write_oscd(tmp_path / "data", dict.fromkeys(["aa", "bb", "cc", "tt"], (32, 32)), ["aa", "bb", "cc"], ["tt"])
+    argv = [*OSCD_FAST, *flags, "--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")]
+    assert expected in expect_exit_2(finetune_oscd.run, argv, capsys)

@@ -9,7 +9,7 @@ from downstream_fixtures import oscd_band, oscd_change_region, write_oscd
 from PIL import Image
 
 from datasets import DataError
-from datasets.oscd import OSCD, OSCD_RGB_STRETCH, band_stretch, normalize, stitch_tiles
+from datasets.oscd import OSCD, OSCD_RGB_STRETCH, band_stretch, normalize, split_cities, stitch_tiles
 
 CITIES = {"paris": (100, 130), "bercy": (64, 80), "brasilia": (70, 50)}
 TRAIN, TEST = ["paris", "bercy"], ["brasilia"]
@@ -148,3 +148,35 @@ def test_errors(tmp_path):
         OSCD(tmp_path / "nowhere", "train")
     with pytest.raises(ValueError, match="split must be one of"):
         OSCD(tmp_path, "val")
+
+
+@pytest.mark.parametrize("layout", ["archive", "dinomc"])
+def test_without_city_lists_the_label_folders_give_the_cities(tmp_path, layout):
+    """Copies made by other tools (torchgeo's) have no train.txt / test.txt: the Train / Test Labels folders
+    then name the cities."""
+    images = write_oscd(tmp_path, CITIES, TRAIN, TEST, layout=layout)
+    (images / "train.txt").unlink()
+    (images / "test.txt").unlink()
+    train, test = OSCD(tmp_path, "train", tile_size=48), OSCD(tmp_path, "test", tile_size=48)
+    assert train.cities == sorted(TRAIN) and test.cities == TEST
+    assert train.list_file is None and test.list_file is None
+    assert train.label_dir.name in ("Onera Satellite Change Detection dataset - Train Labels", "train_labels")
+    assert len(train) == 13 and train.city_shape("paris") == (100, 130)
+    assert split_cities(tmp_path, "test") == (TEST, None)
+    with_lists = write_oscd(tmp_path / "listed", CITIES, TRAIN, TEST, layout=layout)
+    assert split_cities(tmp_path / "listed", "train") == (TRAIN, with_lists / "train.txt")
+
+
+def test_label_folder_without_cities_and_no_list_is_an_error(tmp_path):
+    images = write_oscd(tmp_path, {"paris": (40, 40)}, ["paris"], [])
+    (images / "test.txt").unlink()
+    (tmp_path / "Onera Satellite Change Detection dataset - Test Labels").mkdir()
+    with pytest.raises(DataError, match="no test.txt in .* has no city folders"):
+        OSCD(tmp_path, "test")
+
+
+def test_a_subset_of_the_split_cities(archive):
+    ds = OSCD(archive, "train", tile_size=48, cities=["bercy"])
+    assert ds.cities == ["bercy"] and len(ds) == 4
+    with pytest.raises(DataError, match="OSCD train cities brasilia asked, but the train cities of .* are paris,bercy"):
+        OSCD(archive, "train", cities=["brasilia"])
