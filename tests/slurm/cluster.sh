@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# A one-node SLURM cluster on this machine, for trying run_with_submitit.py (and for its tests).
+#
+#   sudo tests/slurm/cluster.sh up /tmp/slurm        # prints: export SLURM_CONF=/tmp/slurm/slurm.conf
+#   export SLURM_CONF=/tmp/slurm/slurm.conf; sinfo; python run_with_submitit.py --partition debug ...
+#   sudo tests/slurm/cluster.sh down /tmp/slurm      # cancels its jobs, stops its daemons
+#
+# Needs root (slurmd starts the jobs) and Debian's packages: apt-get install slurmctld slurmd slurm-client munge.
+# Everything (config, state, logs, its own munged and key) lives in DIR, so several clusters can run side by
+# side on different ports: SLURM_CTLD_PORT, SLURM_D_PORT (default 6817, 6818) and SLURM_FIRST_JOB_ID choose
+# them. The node is this host, declared with SLURM_CPUS CPUs (default 8, more than a laptop may have: the
+# declared node is used as written) and two placeholder "GPUs" as generic resources, so GPU job scripts are
+# accepted; their tasks run on the CPU. Partitions: debug (default) and acct, which only account "dino" may use;
+# both have a 60-minute time limit, enforced at submission.
+set -euo pipefail
+
+usage() { echo "usage: $0 up|down DIR" >&2; exit 2; }
+[[ $# -eq 2 ]] || usage
+action=$1
+dir=$(realpath -m "$2")
+conf=$dir/slurm.conf
+wait_s=${SLURM_WAIT_S:-120}  # bounded waits, generous for a busy machine
+
+fail() { echo "error: $*" >&2; exit 1; }
+
+# Start one daemon and wait for its pid file; on failure show the end of its log.
+start_daemon() {
+    local name=$1 pidfile=$2 log=$3; shift 3
+    "$@" || { tail -n 20 "$log" >&2 2>/dev/null; fail "$name did not start (log: $log)"; }
+    for _ in $(seq "$wait_s"); do [[ -s $pidfile ]] && return 0; sleep 1; done
+    tail -n 20 "$log" >&2 2>/dev/null
+    fail "$name wrote no pid file $pidfile within ${wait_s}s (log: $log)"
+}
+
+write_config() {
+    local host
+    host=$(hostname -s)
+    mkdir -p "$dir"/{state,spool,log}
+    for gpu in gpu0 gpu1; do [[ -c $dir/$gpu ]] || mknod "$dir/$gpu" c 1 3; done  # like /dev/null
+    cat >"$conf" <<EOF
+ClusterName=dino$(printf '%s' "$dir" | cksum | cut -c1-6)
+SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=${SLURM_CTLD_PORT:-6817}
+SlurmdPort=${SLURM_D_PORT:-6818}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$dir/munge.socket,cred_expire=5
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd.log
+FirstJobId=${SLURM_FIRST_JOB_ID:-1}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+GresTypes=gpu
+SlurmdParameters=config_overrides
+ReturnToService=2
+EnforcePartLimits=ALL
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MailProg=/bin/true
+KillWait=5
+MinJobAge=600
+SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
+NodeName=$host NodeAddr=127.0.0.1 CPUs=${SLURM_CPUS:-8} RealMemory=16000 Gres=gpu:2 State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=60 State=UP
+PartitionName=acct Nodes=$host AllowAccounts=dino MaxTime=60 State=UP
+EOF
+    cat >"$dir/gres.conf" <<EOF
+AutoDetect=off
+NodeName=$host Name=gpu File=$dir/gpu[0-1]
+EOF
+}
+
+up() {
+    [[ $EUID -eq 0 ]] || fail "run as root: slurmd starts the jobs as their users"
+    for bin in munged slurmctld slurmd sbatch srun scontrol sinfo; do
+        command -v "$bin" >/dev/null || fail "$bin is not installed (apt-get install slurmctld slurmd slurm-client munge)"
+    done
+    [[ ! -s $dir/slurmctld.pid ]] || fail "a cluster already runs from $dir (down it first)"
+    write_config
+    if [[ ! -s $dir/munge.key ]]; then
+        (umask 077 && dd if=/dev/urandom of="$dir/munge.key" bs=1024 count=1 status=none)
+    fi
+    start_daemon munged "$dir/munged.pid" "$dir/log/munged.log" \
+        munged --force --socket="$dir/munge.socket" --key-file="$dir/munge.key" --pid-file="$dir/munged.pid" \
+        --log-file="$dir/log/munged.log" --seed-file="$dir/munged.seed"
+    export SLURM_CONF=$conf
+    start_daemon slurmctld "$dir/slurmctld.pid" "$dir/log/slurmctld.log" slurmctld -f "$conf"
+    start_daemon slurmd "$dir/slurmd.pid" "$dir/log/slurmd.log" slurmd -f "$conf"
+    local state=""
+    for _ in $(seq "$wait_s"); do
+        state=$(sinfo --noheader --partition debug --format %T 2>/dev/null || true)
+        [[ $state == idle* ]] && { echo "export SLURM_CONF=$conf"; return 0; }
+        sleep 1
+    done
+    tail -n 20 "$dir/log/slurmctld.log" "$dir/log/slurmd.log" >&2 2>/dev/null
+    fail "the node did not become idle within ${wait_s}s (state: ${state:-no answer}; logs in $dir/log)"
+}
+
+# Stop a daemon by its pid file (only the process this script started) and wait until it is gone.
+stop_daemon() {
+    local pidfile=$1 pid
+    [[ -s $pidfile ]] || return 0
+    pid=$(<"$pidfile")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq "$wait_s"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    rm -f "$pidfile"
+}
+
+down() {
+    [[ -f $conf ]] || fail "no cluster config in $dir"
+    export SLURM_CONF=$conf
+    if [[ -s $dir/slurmctld.pid ]] && scancel --full --quiet --user root 2>/dev/null; then
+        for _ in $(seq "$wait_s"); do
+            [[ -z $(squeue --noheader --format %i 2>/dev/null | head -n 1) ]] && break
+            sleep 1
+        done
+    fi
+    stop_daemon "$dir/slurmd.pid"
+    stop_daemon "$dir/slurmctld.pid"
+    stop_daemon "$dir/munged.pid"
+}
+
+case $action in
+    up) up ;;
+    down) down ;;
+    *) usage ;;
+esac

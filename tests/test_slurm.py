@@ -1,0 +1,355 @@
+"""run_with_submitit.py against a real one-node SLURM cluster (tests/slurm/cluster.sh): real sbatch, srun, scancel.
+
+The cluster is brought up once per session and torn down at the end. Its node declares two placeholder GPUs as
+generic resources, so GPU job scripts are accepted; every task runs on the CPU with gloo. Without SLURM's
+binaries (or without root, which slurmd needs) these tests are skipped with the reason; under CI (CI=true)
+they fail instead, so CI always runs them. Waits are bounded but generous: other test runs share the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from downstream_fixtures import write_eurosat_rgb
+
+import eval_knn
+import run_with_submitit
+from datasets.demo import write_seco_demo
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_SCRIPT = REPO / "tests" / "slurm" / "cluster.sh"
+SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "squeue", "sinfo")
+CLUSTER_WAIT_S = 240
+JOB_WAIT_S = 420
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+EPOCHS = 6  # enough for the preemption signal to land while the job trains
+# A 2-task job on 8 locations: two iterations per epoch; small crops and head so that an epoch takes a second
+PRETRAIN = [
+    *("--arch", "vit_tiny", "--patch_size", "16", "--data_mode", "mc", "--batch_size_per_gpu", "2"),
+    *("--out_dim", "256", "--precision", "fp32", "--seed", "0", "--local_crops_number", "2"),
+    *("--global_crops_size", "64", "--size_crops", "48", "32", "--saveckp_freq", "0", "--num_workers", "0"),
+]
+# The cluster's partition, with resources this machine has (the launcher's defaults ask for 10 CPUs a task)
+SLURM = ["--partition", "debug", "--cpus_per_task", "1", "--mem_per_gpu", "1", "--timeout", "30"]
+
+
+def slurm_unavailable() -> str:
+    """Why the cluster cannot be brought up here, or ""."""
+    missing = [name for name in SLURM_BINARIES if shutil.which(name) is None]
+    if missing:
+        packages = "apt-get install slurmctld slurmd slurm-client munge"
+        return f"SLURM is not installed ({', '.join(missing)} missing: {packages})"
+    if os.geteuid() != 0:
+        return "the one-node SLURM cluster needs root (slurmd starts the jobs)"
+    return ""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """The one-node cluster of tests/slurm/cluster.sh, on free ports, with SLURM_CONF exported for the tests and
+    their jobs. The first job id is random: submitit derives a job's MASTER_PORT from its id, so concurrent test
+    sessions must not number their jobs alike."""
+    reason = slurm_unavailable()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the SLURM tests: {reason}")
+        pytest.skip(reason)
+    directory = tmp_path_factory.mktemp("slurm")
+    env = {
+        **os.environ,
+        "SLURM_CTLD_PORT": str(free_port()),
+        "SLURM_D_PORT": str(free_port()),
+        "SLURM_FIRST_JOB_ID": str(random.randint(10_000, 60_000_000)),
+        "SLURM_WAIT_S": str(CLUSTER_WAIT_S // 2),
+    }
+    start = time.monotonic()
+    up = subprocess.run(
+        [CLUSTER_SCRIPT, "up", directory], env=env, capture_output=True, text=True, timeout=CLUSTER_WAIT_S
+    )
+    seconds = time.monotonic() - start
+    if up.returncode:
+        subprocess.run([CLUSTER_SCRIPT, "down", directory], capture_output=True, timeout=CLUSTER_WAIT_S)
+        pytest.fail(f"the SLURM cluster did not come up: {up.stderr.strip()}")
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(directory / "slurm.conf")
+    version = subprocess.run(["scontrol", "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
+    print(f"\nSLURM cluster up in {seconds:.1f} s ({version}): {up.stdout.strip()}")
+    try:
+        yield directory
+    finally:
+        down = subprocess.run(
+            [CLUSTER_SCRIPT, "down", directory], capture_output=True, text=True, timeout=CLUSTER_WAIT_S
+        )
+        if previous is None:
+            os.environ.pop("SLURM_CONF")
+        else:
+            os.environ["SLURM_CONF"] = previous
+        assert down.returncode == 0, down.stderr
+
+
+@pytest.fixture
+def submit(slurm_cluster, monkeypatch):
+    """Submit with the launcher from the repository (jobs import run_with_submitit to unpickle the Trainer), one
+    intra-op thread per task; return the job id. Jobs still queued at the end are cancelled."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    jobs: list[str] = []
+
+    def run(argv: list[str]) -> str:
+        jobs.append(run_with_submitit.run(argv).job_id)
+        return jobs[-1]
+
+    yield run
+    for job_id in jobs:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
+    return dict(field.split("=", 1) for field in shown.stdout.split() if "=" in field)
+
+
+def wait_until(condition, what: str, timeout_s: float = JOB_WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def wait_for_end(job_id: str, job_dir: Path) -> dict[str, str]:
+    """Wait until SLURM has finished the job for good (a requeued job passes through PENDING again)."""
+    wait_until(lambda: scontrol_job(job_id).get("JobState") in FINAL_STATES, f"job {job_id} to end")
+    job = scontrol_job(job_id)
+    print(f"job {job_id}: {job['JobState']}, restarts {job['Restarts']}, exit code {job['ExitCode']}")
+    return job
+
+
+def task_log(job_dir: Path, job_id: str, task: int = 0, stream: str = "out") -> str:
+    path = job_dir / job_id / f"{job_id}_{task}_log.{stream}"
+    return path.read_text() if path.exists() else ""
+
+
+def teacher(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["teacher"]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def seco_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("seco")
+    write_seco_demo(root, n_locations=8, n_acquisitions=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def torchrun_reference(seco_root, tmp_path_factory) -> Path:
+    """The same pretraining under torchrun --nproc_per_node 2 on the CPU: what every SLURM run must end with."""
+    out = tmp_path_factory.mktemp("torchrun")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["main_dino_mc.py", *PRETRAIN, "--epochs", str(EPOCHS), "--data_path", str(seco_root)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*command, "--output_dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "checkpoint.pth"
+
+
+def test_two_task_gpu_job_equals_torchrun(submit, seco_root, torchrun_reference, tmp_path):
+    """--ngpus 2 asks the node's GPU generic resources; the two tasks train with gloo to torchrun's weights."""
+    out = tmp_path / "run"
+    job_id = submit([*SLURM, "--ngpus", "2", *PRETRAIN, "--epochs", str(EPOCHS)] + data(seco_root, out))
+    job = wait_for_end(job_id, out)
+    assert job["JobState"] == "COMPLETED", task_log(out, job_id, stream="err")[-3000:]
+    assert job.get("TresPerNode") == "gres:gpu:2"
+    checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == EPOCHS and checkpoint["args"]["world_size"] == 2
+    difference = max_difference(checkpoint["teacher"], teacher(torchrun_reference))
+    student = torch.load(torchrun_reference, map_location="cpu", weights_only=False)["student"]
+    print(f"teacher vs torchrun: max |difference| {difference:.3g}")
+    assert difference <= 1e-6
+    assert max_difference(checkpoint["student"], student) <= 1e-6
+
+
+def data(seco_root: Path, out: Path) -> list[str]:
+    return ["--data_path", str(seco_root), "--output_dir", str(out)]
+
+
+def test_preempted_cpu_job_requeues_and_ends_equal(submit, seco_root, torchrun_reference, tmp_path):
+    """CPU-only 2-task job; scancel --signal=USR2 while it trains -> requeue -> resume -> torchrun's teacher.
+
+    Only the final weights and the requeue are checked, not where the resume started, so that it holds for
+    an epoch-level and for a mid-epoch resume alike.
+    """
+    out = tmp_path / "run"
+    argv = [*SLURM, "--ngpus", "0", "--tasks_per_node", "2", *PRETRAIN, "--epochs", str(EPOCHS)]
+    job_id = submit(argv + data(seco_root, out))
+    wait_until(
+        lambda: (out / "checkpoint.pth").exists() or scontrol_job(job_id)["JobState"] in FINAL_STATES, "a checkpoint"
+    )
+    assert "TresPerNode" not in scontrol_job(job_id)  # no GPU asked
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+    job = wait_for_end(job_id, out)
+    log = task_log(out, job_id)
+    assert job["JobState"] == "COMPLETED", task_log(out, job_id, stream="err")[-3000:]
+    assert job["Restarts"] == "1" and log.count("Requeued job") == 1, log[-3000:]
+    print(re.findall(r".*(?:Requeued job|training from epoch).*", log))
+    difference = max_difference(teacher(out / "checkpoint.pth"), teacher(torchrun_reference))
+    print(f"teacher after requeue vs torchrun: max |difference| {difference:.3g}")
+    assert difference <= 1e-6
+
+
+def test_job_past_max_timeouts_stops_with_one_line(submit, seco_root, tmp_path):
+    """--timeout 1 (minute) --max_timeouts 1: requeued once at its time limit, then it stops and says why."""
+    out = tmp_path / "run"
+    argv = ["--partition", "debug", "--cpus_per_task", "1", "--mem_per_gpu", "1", "--timeout", "1"]
+    argv += ["--max_timeouts", "1", "--signal_delay_s", "20", "--ngpus", "0", *PRETRAIN, "--epochs", "100000"]
+    job_id = submit(argv + data(seco_root, out))
+    job = wait_for_end(job_id, out)
+    err = task_log(out, job_id, stream="err")
+    stop = [line for line in err.splitlines() if line.startswith("error:")]
+    print(stop)
+    assert job["Restarts"] == "1" and job["JobState"] == "FAILED", err[-3000:]
+    assert stop == [
+        f"error: main_dino_mc: job not requeued: it reached --timeout 1 min more than --max_timeouts 1 times. "
+        f"Its last checkpoint in {out} is kept: submit again to continue"
+    ]
+    starts = [int(e) for e in re.findall(r"Starting mc training from epoch (\d+)", task_log(out, job_id))]
+    assert len(starts) == 2 and starts[0] == 0 < starts[1], starts  # the second run resumed
+
+
+def test_job_past_max_requeues_stops_instead_of_looping(submit, seco_root, tmp_path):
+    """A preempted job with --max_requeues 0 is not requeued: one line, and the job fails."""
+    out = tmp_path / "run"
+    argv = [*SLURM, "--max_requeues", "0", "--ngpus", "0", *PRETRAIN, "--epochs", "100000"]
+    job_id = submit(argv + data(seco_root, out))
+    wait_until(
+        lambda: (out / "checkpoint.pth").exists() or scontrol_job(job_id)["JobState"] in FINAL_STATES, "a checkpoint"
+    )
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+    job = wait_for_end(job_id, out)
+    stop = [line for line in task_log(out, job_id, stream="err").splitlines() if line.startswith("error:")]
+    print(stop)
+    assert (job["JobState"], job["Restarts"]) == ("FAILED", "0")
+    assert stop == [
+        f"error: main_dino_mc: job not requeued: it was requeued 0 times already (--max_requeues 0). "
+        f"Its last checkpoint in {out} is kept: submit again to continue"
+    ]
+
+
+def test_eval_knn_runs_as_a_cpu_job(submit, torchrun_reference, tmp_path):
+    """--script eval_knn --ngpus 0: a one-task CPU job that writes the same knn.json and features as a plain run."""
+    eurosat = tmp_path / "eurosat"
+    write_eurosat_rgb(eurosat, {"AnnualCrop": 4, "Forest": 4, "River": 4}, size=32)
+    common = ["--arch", "vit_tiny", "--patch_size", "16", "--resize_size", "32", "--crop_size", "32", "--nb_knn", "2"]
+    common += ["--num_workers", "0", "--pretrained_weights", str(torchrun_reference), "--data_path", str(eurosat)]
+    out = tmp_path / "job"
+    job_id = submit(
+        [*SLURM, "--script", "eval_knn", "--ngpus", "0", *common, "--output_dir", str(out)]
+        + ["--dump_features", str(tmp_path / "job_features")]
+    )
+    eval_knn.run([*common, "--output_dir", str(tmp_path / "plain"), "--dump_features", str(tmp_path / "features")])
+    job = wait_for_end(job_id, out)
+    assert job["JobState"] == "COMPLETED", task_log(out, job_id, stream="err")[-3000:]
+    assert "TresPerNode" not in job
+    print((out / "knn.json").read_text())
+    assert (out / "knn.json").read_text() == (tmp_path / "plain" / "knn.json").read_text()
+    for name in eval_knn.FEATURE_FILES:
+        job_features, features = torch.load(tmp_path / "job_features" / name), torch.load(tmp_path / "features" / name)
+        assert torch.allclose(job_features.float(), features.float(), atol=1e-5), name
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--partition", "nosuch"],
+            "error: sbatch refused the job: invalid partition specified: nosuch; Invalid partition name specified; "
+            "change --partition nosuch",
+        ),
+        (
+            ["--ngpus", "3"],
+            "error: sbatch refused the job: Requested node configuration is not available; "
+            "change --ngpus 3 or --cpus_per_task 1 or --mem_per_gpu 1",
+        ),
+        (
+            ["--timeout", "120"],
+            "error: sbatch refused the job: Requested time limit is invalid (missing or exceeds some limit); "
+            "change --timeout 120 or --partition debug",
+        ),
+        (
+            ["--partition", "acct", "--account", "nosuch"],
+            "error: sbatch refused the job: Invalid account or account/partition combination specified; "
+            "change --account nosuch or --partition acct",
+        ),
+        (
+            ["--constraint", "a100"],
+            "error: sbatch refused the job: Invalid feature specification; change --constraint a100",
+        ),
+        (
+            ["--nodes", "2"],
+            "error: sbatch refused the job: Node count specification invalid; change --nodes 2",
+        ),
+        (
+            ["--ngpus", "0", "--mem_per_gpu", "100"],
+            "error: sbatch refused the job: Memory specification can not be satisfied; Requested node configuration "
+            "is not available; change --mem_per_gpu 100",
+        ),
+        (
+            ["--ngpus", "0", "--tasks_per_node", "3", "--cpus_per_task", "4"],
+            "error: sbatch refused the job: More processors requested than permitted; "
+            "change --cpus_per_task 4 or --tasks_per_node 3",
+        ),
+    ],
+)
+def test_sbatch_refusal_is_one_line_exit_2(slurm_cluster, monkeypatch, capsys, seco_root, tmp_path, argv, message):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exc:
+        run_with_submitit.run([*SLURM, *argv, *PRETRAIN] + data(seco_root, tmp_path / "run"))
+    captured = capsys.readouterr()
+    print(captured.err.strip())
+    assert exc.value.code == 2
+    assert captured.err.strip() == message and captured.out == ""
+
+
+def test_requeue_racing_the_job_end_leaves_it_requeued(slurm_cluster, capsys):
+    """requeue_job on a job SLURM is ending (COMPLETING), then again on the now requeued job ("Job is pending
+    execution" from scontrol): both times the job is left requeued, and the second call is not an error."""
+    sleeper = ["sbatch", "--parsable", "--output", "/dev/null", "--wrap", "trap '' TERM; sleep 30"]
+    job_id = subprocess.run(sleeper, check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    try:
+        wait_until(lambda: scontrol_job(job_id).get("JobState") == "RUNNING", f"job {job_id} to run")
+        subprocess.run(["scancel", job_id], check=True, timeout=60)
+        ending = scontrol_job(job_id)["JobState"]
+        run_with_submitit.requeue_job(job_id, countdown=3)
+        run_with_submitit.requeue_job(job_id, countdown=3)
+        second = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        wait_until(lambda: scontrol_job(job_id).get("JobState") == "PENDING", f"job {job_id} back in the queue")
+        job = scontrol_job(job_id)
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+    out = capsys.readouterr().out
+    with capsys.disabled():
+        print(f"requeued while {ending}: {out.strip()!r}; a plain scontrol requeue then: {second.stderr.strip()!r}")
+    assert second.returncode != 0  # what requeue_job takes as "already requeued"
+    assert job["Restarts"] == "1"
+    assert out.count(f"Requeued job {job_id} (3 remaining timeouts)") == 2
