@@ -400,11 +400,13 @@ def evaluate_checkpoint(
     precision: str,
     args: argparse.Namespace,
     checkpoint_module: nn.Module | None = None,
+    from_published: Callable[[dict], dict] | None = None,
 ) -> dict[str, Any]:
     """``--evaluate``: load ``checkpoint_module`` (default: the model) from the checkpoint and evaluate it.
 
     The checkpoint is looked up as given, then inside ``output_dir``; a missing one is an error (never a
-    silent evaluation of the untrained model). Writes ``output_dir/evaluate.json``.
+    silent evaluation of the untrained model). ``from_published`` renames the state dict of the published
+    script's checkpoints (given as they are) to the module's names. Writes ``output_dir/evaluate.json``.
     """
     path = Path(args.evaluate)
     if not path.is_file():
@@ -415,9 +417,16 @@ def evaluate_checkpoint(
     checkpoint = utils.load_checkpoint_safely(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise utils.ConfigError(f"--evaluate {path}: not a checkpoint of this script (no 'state_dict' entry)")
+    state_dict = checkpoint["state_dict"]
+    if from_published is not None:
+        state_dict = from_published(state_dict)
+    expected = checkpoint_module.state_dict()
+    if set(state_dict) != set(expected):
+        mismatch = utils.key_mismatch(expected, state_dict)
+        raise utils.ConfigError(f"--evaluate {path} does not fit this model: {mismatch}; check --arch and --bands")
     try:
-        checkpoint_module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:
+        checkpoint_module.load_state_dict(state_dict)
+    except RuntimeError as err:  # same keys, other shapes: torch names the first tensors
         raise utils.ConfigError(f"--evaluate {path} does not fit this model: {utils.one_line(err)}") from None
     print(f"Evaluating {path} (trained for {checkpoint.get('epoch', '?')} epochs)")
     metrics = evaluate(model, task, eval_loader, precision, args)

@@ -119,6 +119,21 @@ def report(metrics: dict, classes: list[str], output_dir: Path, name: str) -> No
     print(f"Confusion matrix written to {path}")
 
 
+def from_published_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The published ``main_eurosat.py`` checkpoint's ``state_dict`` under :class:`engine.Classifier`'s names.
+
+    Published (``luc_checkpoint_best.pth.tar``): the whole classifier without a prefix, a DINO ViT or a
+    torchvision model built with 10 classes, whose classifier is ``head.*`` (ViT, Swin) or ``fc.*`` (ResNet,
+    WRN). Here: ``backbone.*`` + ``head.*``. A state dict already in these names is returned as it is.
+    """
+    if any(key.startswith("backbone.") for key in state_dict):
+        return state_dict
+    return {
+        f"head.{key.split('.', 1)[1]}" if key.startswith(("head.", "fc.")) else f"backbone.{key}": value
+        for key, value in state_dict.items()
+    }
+
+
 def main(args: argparse.Namespace) -> dict:
     precision = engine.setup(args)
     train_set, eval_set, classes = build_datasets(args)
@@ -130,7 +145,9 @@ def main(args: argparse.Namespace) -> dict:
     output_dir = Path(args.output_dir)
 
     if args.evaluate is not None:
-        result = engine.evaluate_checkpoint(model, task, eval_loader, precision, args)
+        result = engine.evaluate_checkpoint(
+            model, task, eval_loader, precision, args, from_published=from_published_state_dict
+        )
         if utils.is_main_process():
             report(result["metrics"], classes, output_dir, "confusion_matrix_evaluate.png")
         return result

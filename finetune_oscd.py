@@ -29,6 +29,7 @@ from PIL import Image
 from torchmetrics import classification as tmc
 
 import engine
+import segmentation
 import utils
 from datasets import DataError
 from datasets.bands import IMAGENET_MEAN, IMAGENET_STD, is_rgb, parse_bands
@@ -91,6 +92,14 @@ class ChangeDetector(nn.Module):
 
     def forward(self, img1: torch.Tensor, img2: torch.Tensor) -> torch.Tensor:
         return self.unet(self.normalize(img1), self.normalize(img2))
+
+
+def from_published_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A published ``main_oscd.py`` Lightning checkpoint's ``state_dict`` under :class:`ChangeDetector`'s names
+    (its U-Net is ``unet``; the normalisation has no weights); this script's own state dicts pass unchanged."""
+    if not any(key.startswith("model.") for key in state_dict):
+        return state_dict
+    return {f"unet.{key}": value for key, value in segmentation.from_published_state_dict(state_dict).items()}
 
 
 def tile_logits(model: nn.Module, batch: dict, device: str) -> torch.Tensor:
@@ -239,7 +248,9 @@ def main(args: argparse.Namespace) -> dict:
     eval_loader = engine.make_loader(test_set, args, train=False)
 
     if args.evaluate is not None:
-        result = engine.evaluate_checkpoint(model, task, eval_loader, precision, args)
+        result = engine.evaluate_checkpoint(
+            model, task, eval_loader, precision, args, from_published=from_published_state_dict
+        )
     else:
         train_loader = engine.make_loader(train_set, args, train=True)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -87,6 +87,22 @@ def one_line(err: BaseException) -> str:
     return last
 
 
+def key_mismatch(expected: Iterable[str], found: Iterable[str], shown: int = 3) -> str:
+    """How two sets of state-dict keys differ, in one short line: counts and the first few of each side.
+
+    Why: torch's own message lists every key of the network (kilobytes for a ViT), which hides the cause.
+    """
+    expected, found = list(expected), list(found)
+    missing = [k for k in expected if k not in set(found)]
+    unexpected = [k for k in found if k not in set(expected)]
+    parts = []
+    for count_name, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            more = ", ..." if len(keys) > shown else ""
+            parts.append(f"{len(keys)} {count_name} (first: {', '.join(keys[:shown])}{more})")
+    return "; ".join(parts) or "no key differs"
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print one clear error line and exit (code 2: bad arguments or bad input data)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
@@ -891,13 +907,22 @@ def restart_from_checkpoint(ckp_path: str | Path, run_variables: dict | None = N
     print(f"Found checkpoint at {ckp_path}")
     checkpoint = load_checkpoint_safely(ckp_path)
     for key, value in kwargs.items():
+        if key.endswith("scaler"):
+            _check_same_precision(ckp_path, key, checkpoint, value)
         if value is None:
             continue
         if key not in checkpoint:
-            raise KeyError(f"checkpoint {ckp_path} has no '{key}' entry to resume from")
+            raise ConfigError(
+                f"cannot resume from {ckp_path}: it has no '{key}' entry (not a checkpoint of this script?)"
+            )
         state = checkpoint[key]
         if isinstance(value, nn.Module):
             state = _match_module_prefix(state, value.state_dict())
+            if set(state) != set(value.state_dict()):
+                raise ConfigError(
+                    f"cannot resume from {ckp_path}: its '{key}' does not fit this model "
+                    f"({key_mismatch(value.state_dict(), state)}); use the same --arch, or another --output_dir"
+                )
         value.load_state_dict(state)
         print(f"=> loaded '{key}' from checkpoint '{ckp_path}'")
     if run_variables is not None:
@@ -905,6 +930,21 @@ def restart_from_checkpoint(ckp_path: str | Path, run_variables: dict | None = N
             if var_name in checkpoint:
                 run_variables[var_name] = checkpoint[var_name]
     return True
+
+
+def _check_same_precision(ckp_path: str | Path, key: str, checkpoint: dict, scaler: Any) -> None:
+    """A GradScaler entry (``fp16_scaler``, ``scaler``) exists exactly when the run used fp16: resuming across a
+    change of ``--precision`` is refused in one line rather than failing on the missing entry."""
+    if (key in checkpoint) == (scaler is not None):
+        return
+    then = (
+        "an fp16 run (it holds a gradient scaler)" if key in checkpoint else "a run without fp16 (no gradient scaler)"
+    )
+    now = "uses fp16" if scaler is not None else "does not"
+    raise ConfigError(
+        f"cannot resume from {ckp_path}: it was written by {then} and this run {now}; "
+        "resume with the checkpoint's --precision, or use another --output_dir"
+    )
 
 
 def _match_module_prefix(state: dict, target: dict) -> dict:
@@ -1146,10 +1186,8 @@ def load_pretrained_weights(
         for k, v in state_dict.items()
         if k in expected and v.shape != expected[k].shape
     ]
-    if unexpected:
-        print(f"Unexpected keys in {path} (ignored): {', '.join(unexpected)}")
-    if missing:
-        print(f"Missing keys: {', '.join(missing)}")
+    if unexpected or missing:
+        print(f"Keys of {path} against the backbone: {key_mismatch(expected, state_dict)} (unexpected ones ignored)")
     if missing or wrong_shape:
         problems = []
         if missing:

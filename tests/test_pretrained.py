@@ -13,12 +13,12 @@ import http.server
 import os
 import pickle
 import threading
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from published_checkpoints import as_numpy1_pickle
 from timm.layers import resample_abs_pos_embed
 
 import utils
@@ -103,23 +103,6 @@ def test_published_format_loads_teacher_and_student(tmp_path, arch, patch_size):
     student, teacher = published_checkpoint(path, arch, patch_size)
     assert_same_backbone(utils.load_pretrained_weights(build(arch, patch_size), str(path)), teacher)
     assert_same_backbone(utils.load_pretrained_weights(build(arch, patch_size), str(path), "student"), student)
-
-
-def as_numpy1_pickle(path: Path) -> bytes:
-    """Rewrite a torch.save file so that its pickle names numpy's builders as numpy 1.x wrote them
-    (``numpy.core.multiarray.scalar`` ...), as in the released DINO-MC checkpoints; returns the new pickle.
-
-    The pickle's GLOBAL opcodes hold module names as newline-ended text, so the rename keeps it valid.
-    """
-    with zipfile.ZipFile(path) as src:
-        entries = [(info, src.read(info)) for info in src.infolist()]
-    pickled = b""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
-        for info, data in entries:
-            if info.filename.endswith("/data.pkl"):
-                data = pickled = data.replace(b"numpy._core.", b"numpy.core.")
-            dst.writestr(info, data)
-    return pickled
 
 
 @pytest.mark.parametrize(("arch", "patch_size"), [("vit_tiny", 8), ("resnet18", 16)])
