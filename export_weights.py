@@ -135,9 +135,9 @@ def usage_lines(
     """What a user pastes to load the file, in each tool that reads this format."""
     path, in_chans = str(output.resolve()), len(bands)
     if output.suffix == SAFETENSORS_SUFFIX:
-        read = f'safetensors.torch.load_file("{path}")'
+        imports, read = "from safetensors.torch import load_file", f'load_file("{path}")'
     else:
-        read = f'torch.load("{path}", weights_only=True)'
+        imports, read = "import torch", f'torch.load("{path}", weights_only=True)'
     flags = f"--arch {arch} --patch_size {patch_size} --bands {','.join(bands)}"
     lines = [f"this repo: --pretrained_weights {path} {flags}"]
     if names == "timm":
@@ -146,15 +146,16 @@ def usage_lines(
             "    import timm",
             f'    model = timm.create_model("{timm_name}", num_classes=0, in_chans={in_chans}, pretrained=True,',
             f'                              pretrained_cfg_overlay=dict(file="{path}"))',
-            "torchgeo (its classification models are timm models; the new head stays random):",
+            "torchgeo (its classification models are timm models; only the new head stays missing):",
+            f"    {imports}",
             "    from torchgeo.trainers import ClassificationTask",
-            "    from torchgeo.trainers.utils import load_state_dict",
             f'    task = ClassificationTask(model="{timm_name}", weights=None, in_channels={in_chans}, num_classes=10)',
-            f"    missing, unexpected = load_state_dict(task.model, {read})",
+            f"    missing, unexpected = task.model.load_state_dict({read}, strict=False)",
         ]
     else:
         lines += [
             "PyTorch (this repo's / DINO's backbone names):",
+            f"    {imports}",
             f"    model.load_state_dict({read})",
             "timm / torchgeo: export again with --format timm",
         ]
