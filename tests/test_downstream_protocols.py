@@ -3,7 +3,10 @@ is chosen (metrics.json), and the documented flag sets that reproduce the publis
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +218,33 @@ def test_oscd_bad_selection_flags_are_one_line_exit_2(tmp_path, capsys, flags, e
     write_oscd(tmp_path / "data", dict.fromkeys(["aa", "bb", "cc", "tt"], (32, 32)), ["aa", "bb", "cc"], ["tt"])
     argv = [*OSCD_FAST, *flags, "--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")]
     assert expected in expect_exit_2(finetune_oscd.run, argv, capsys)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+# The published scripts' settings (EVALUATION.md) that each documented flag set must give, in README order.
+PUBLISHED = [
+    (eval_knn, {"nb_knn": [5, 10, 15, 20], "temperature": 0.07, "resize_size": 256, "crop_size": 224}),
+    (eval_linear, {"lr": 0.001, "epochs": 100, "batch_size_per_gpu": 32, "n_last_blocks": 4}),
+    (finetune_eurosat, {"lr": 0.001, "epochs": 100, "batch_size_per_gpu": 32, "weight_decay": 0.0}),
+    (
+        finetune_bigearthnet,
+        {"lr": 1e-5, "weight_decay": 2e-5, "epochs": 100, "batch_size_per_gpu": 32, "train_frac": 1.0}
+        | {"input_size": 224, "flips": False, "normalize": False, "num_classes": 19},
+    ),
+    (
+        finetune_oscd,
+        {"lr": 0.003, "weight_decay": 1e-4, "lr_gamma": 0.95, "epochs": 50, "batch_size_per_gpu": 32}
+        | {"tile_size": 96, "seed": 42, "select_on_test": True, "val_cities": ""},
+    ),
+]
+
+
+def test_readme_published_flag_sets_give_the_published_settings():
+    """Each "Published settings:" flag set of the README's protocol tables exists and yields the published values."""
+    documented = re.findall(r"Published settings: [^`]*`([^`]*)`", README.read_text())
+    assert len(documented) == len(PUBLISHED)
+    for flags, (script, expected) in zip(documented, PUBLISHED):
+        parser = argparse.ArgumentParser(parents=[script.get_args_parser()])
+        args = parser.parse_args([*flags.split(), "--pretrained_weights", "none"])
+        assert {key: getattr(args, key) for key in expected} == expected, script.__name__
+        assert args.checkpoint_key == "teacher"
