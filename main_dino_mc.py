@@ -207,9 +207,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if not Path(args.data_path).is_dir():
         raise ValueError(f"--data_path {args.data_path} is not a folder")
     args.bands = ",".join(parse_bands("RGB" if args.bands == "RGB_BANDS" else args.bands))
-    utils.build_backbone(args.arch, args.patch_size)  # fails early on an unknown --arch
-    if args.patch_size not in (8, 14, 16) and args.arch.startswith("vit"):
-        raise ValueError(f"--patch_size {args.patch_size}: expected 8 or 16")
+    utils.check_arch(args.arch, args.patch_size)  # fails early on an unknown --arch or ViT --patch_size
     if args.batch_size_per_gpu < 1 or args.epochs < 1:
         raise ValueError("--batch_size_per_gpu and --epochs must be positive")
     resolve_crop_args(args)

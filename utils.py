@@ -313,6 +313,7 @@ def make_grad_scaler(precision: str, device: str | torch.device) -> torch.amp.Gr
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "wide_resnet50_2", "swin_t")
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")
+VIT_PATCH_SIZES = (8, 14, 16)
 
 
 def _adapt_first_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
@@ -366,19 +367,32 @@ def build_backbone(
     resnet50|wide_resnet50_2|swin_t`` (classifier replaced by Identity: the pooled feature), or any timm
     model as ``timm/<name>``. Raises ValueError naming the flag for an unknown architecture.
     """
-    arch = arch.replace("deit", "vit")  # DINO's alias
+    arch = check_arch(arch, patch_size)
     if arch in VIT_ARCHS:
         model = getattr(vits, arch)(patch_size=patch_size, in_chans=in_chans, drop_path_rate=drop_path_rate)
         return model, model.embed_dim
     if arch in TORCHVISION_ARCHS:
         return _build_torchvision(arch, in_chans)
+    return _build_timm(arch.split("/", 1)[1], in_chans, drop_path_rate)
+
+
+def check_arch(arch: str, patch_size: int = 16) -> str:
+    """``arch`` as :func:`build_backbone` understands it (DINO's ``deit`` alias resolved), checked without
+    building anything; raises ValueError naming ``--arch`` or ``--patch_size``."""
+    arch = arch.replace("deit", "vit")  # DINO's alias
+    if arch in VIT_ARCHS:
+        if patch_size not in VIT_PATCH_SIZES:
+            raise ValueError(f"--patch_size {patch_size}: expected one of {', '.join(map(str, VIT_PATCH_SIZES))}")
+        return arch
+    if arch in TORCHVISION_ARCHS:
+        return arch
     if arch.startswith("timm/"):
         import timm
 
         name = arch.split("/", 1)[1]
         if not timm.is_model(name):
             raise ValueError(f"--arch {arch}: timm has no model named {name!r}")
-        return _build_timm(name, in_chans, drop_path_rate)
+        return arch
     choices = ", ".join(VIT_ARCHS + TORCHVISION_ARCHS)
     raise ValueError(f"--arch {arch!r} is not supported; expected one of {choices} or timm/<model name>")
 
@@ -392,7 +406,9 @@ def add_backbone_args(parser: argparse.ArgumentParser, arch: str = "vit_small", 
         type=str,
         help="vit_tiny | vit_small | vit_base | resnet50 | wide_resnet50_2 | swin_t | resnet18 | timm/<name>.",
     )
-    group.add_argument("--patch_size", default=patch_size, type=int, help="ViT patch size in pixels (8 or 16).")
+    group.add_argument(
+        "--patch_size", default=patch_size, type=int, help="ViT patch size in pixels (8 or 16 as published; 14)."
+    )
     group.add_argument(
         "--bands",
         default="RGB",

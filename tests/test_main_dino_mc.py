@@ -185,6 +185,8 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(seco_root, tmp_path, monkeyp
     "flag,value,message",
     [
         ("--arch", "vit_giant", "--arch 'vit_giant' is not supported"),
+        ("--patch_size", "12", "--patch_size 12: expected one of 8, 14, 16"),
+        ("--arch", "timm/not_a_model", "timm has no model named 'not_a_model'"),
         ("--bands", "B4,B3,B13", "unknown Sentinel-2 band 'B13'"),
         ("--global_crops_number", "3", "--global_crops_number 3 does not fit --data_mode mc"),
         ("--local_crops_scale", "0.5 0.2", "--local_crops_scale"),
@@ -234,3 +236,17 @@ def test_every_optimizer_trains_through_the_end_of_the_frozen_last_layer(seco_ro
     assert torch.equal(first["student"][key], first["teacher"][key])  # frozen in epoch 0
     assert not torch.equal(last["student"][key], first["student"][key])  # trained in epoch 1
     assert last["epoch"] == 2 and all(isinstance(g["lr"], float) for g in last["optimizer"]["param_groups"])
+
+
+def test_resume_across_a_precision_change_is_one_line(seco_root, tmp_path, capsys):
+    """A checkpoint written with a GradScaler (fp16) resumed by an fp32 run: one line naming both, exit 2."""
+    main_dino_mc.run(tiny_args(seco_root, tmp_path, "--local_crops_number", "2"))
+    checkpoint = torch.load(tmp_path / "checkpoint.pth")
+    checkpoint["fp16_scaler"] = torch.amp.GradScaler("cpu").state_dict()
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main_dino_mc.run(tiny_args(seco_root, tmp_path, "--local_crops_number", "2", "--epochs", "2"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert "written by an fp16 run" in err[0] and "this run does not" in err[0] and "--precision" in err[0]

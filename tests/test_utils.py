@@ -228,3 +228,12 @@ def test_fused_sgd_through_a_frozen_parameter_equals_torchs_plain_sgd():
         results.append([p.detach().clone() for p in model.parameters()])
     for fused_param, plain_param in zip(*results, strict=True):
         torch.testing.assert_close(fused_param, plain_param)
+
+
+def test_resume_refuses_a_precision_change_and_another_model_in_one_line(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    utils.save_checkpoint({"model": torch.nn.Linear(2, 2, bias=False).state_dict()}, path)
+    with pytest.raises(utils.ConfigError, match="written by a run without fp16 .* this run uses fp16"):
+        utils.restart_from_checkpoint(path, model=torch.nn.Linear(2, 2, bias=False), scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(utils.ConfigError, match=r"does not fit this model \(1 missing \(first: bias\)\)"):
+        utils.restart_from_checkpoint(path, model=torch.nn.Linear(2, 2), scaler=None)
