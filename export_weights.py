@@ -183,6 +183,7 @@ def main(args: argparse.Namespace) -> None:
         check_timm_keys(timm_name, len(bands), state_dict)
 
     output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"arch": arch, "patch_size": str(patch_size), "bands": ",".join(bands), "names": names}
     if timm_name:
         metadata["timm_model"] = timm_name

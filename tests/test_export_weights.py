@@ -125,8 +125,8 @@ def test_published_style_args_student_and_safetensors(tmp_path):
 
 def test_dino_format_is_a_plain_backbone_state_dict(tmp_path):
     teacher, _ = training_checkpoint(tmp_path / "ckpt.pth", "swin_t", 16, "RGB")
-    export_weights.run([str(tmp_path / "ckpt.pth"), str(tmp_path / "swin.pth")])
-    state = torch.load(tmp_path / "swin.pth", weights_only=True)
+    export_weights.run([str(tmp_path / "ckpt.pth"), str(tmp_path / "new_folder" / "swin.pth")])
+    state = torch.load(tmp_path / "new_folder" / "swin.pth", weights_only=True)
     assert set(state) == set(teacher.state_dict())  # no module. / backbone. prefix, no head
     for key, value in teacher.state_dict().items():
         assert torch.equal(state[key], value), key
