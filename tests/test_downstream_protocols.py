@@ -162,9 +162,9 @@ def test_fit_selects_best_on_the_split_it_is_given_and_says_so(tmp_path):
     assert torch.load(tmp_path / "none" / "checkpoint_best.pth", weights_only=False)["epoch"] == 4
 
 
-OSCD_CITIES = {"aa": (64, 64), "bb": (64, 48), "cc": (48, 64), "tt": (64, 64)}
+OSCD_CITIES = {"aa": (64, 64), "bb": (32, 64), "cc": (32, 32), "tt": (32, 64)}
 OSCD_FAST = ["--arch", "resnet18", "--pretrained_weights", "none", "--tile_size", "32", "--num_workers", "0"]
-OSCD_FAST += ["--batch_size_per_gpu", "4", "--print_freq", "100", "--epochs", "3"]
+OSCD_FAST += ["--batch_size_per_gpu", "4", "--print_freq", "100", "--epochs", "2"]
 
 
 def test_oscd_without_city_lists_and_best_selected_on_val_cities(tmp_path, capsys):
@@ -180,16 +180,16 @@ def test_oscd_without_city_lists_and_best_selected_on_val_cities(tmp_path, capsy
     assert notices == [
         f"OSCD: no train.txt / test.txt: cities taken from the folders of {labels}Train Labels and {labels}Test Labels"
     ]
-    assert "OSCD: 2 train cities (8 tiles), 1 validation cities (4 tiles), 1 test cities (4 tiles), bands B4,B3,B2" in (
+    assert "OSCD: 2 train cities (6 tiles), 1 validation cities (1 tiles), 1 test cities (2 tiles), bands B4,B3,B2" in (
         printed
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["eval_split"], metrics["best_selected_on"]) == ("test", "val_cities:cc")
     log = read_log(out)
-    best = max(range(3), key=lambda e: (log[e]["select_f1"], -e))
-    assert metrics["best"]["epoch"] == best and metrics["last"]["epoch"] == 2
+    best = max(range(2), key=lambda e: (log[e]["select_f1"], -e))
+    assert metrics["best"]["epoch"] == best and metrics["last"]["epoch"] == 1
     assert metrics["best"]["selection_metrics"]["f1"] == log[best]["select_f1"]
-    assert metrics["last"]["metrics"]["f1"] == log[2]["val_f1"]  # the result: the last epoch on test
+    assert metrics["last"]["metrics"]["f1"] == log[1]["val_f1"]  # the result: the last epoch on test
     assert any(f"Change class: precision {metrics['last']['metrics']['precision']:.4f}" in line for line in printed)
 
 
@@ -203,7 +203,7 @@ def test_oscd_default_and_published_selection(tmp_path):
     metrics = json.loads((tmp_path / "published" / "metrics.json").read_text())
     log = read_log(tmp_path / "published")
     assert metrics["best_selected_on"] == "test"
-    assert metrics["best"]["epoch"] == max(range(3), key=lambda e: (log[e]["val_f1"], -e))
+    assert metrics["best"]["epoch"] == max(range(2), key=lambda e: (log[e]["val_f1"], -e))
 
 
 @pytest.mark.parametrize(
