@@ -174,8 +174,36 @@ def torchrun_reference(seco_root, tmp_path_factory) -> Path:
     return out / "checkpoint.pth"
 
 
-def test_two_task_gpu_job_equals_torchrun(submit, seco_root, torchrun_reference, tmp_path):
-    """--ngpus 2 asks the node's GPU generic resources; the two tasks train with gloo to torchrun's weights."""
+@pytest.fixture(scope="module")
+def timeout_job(slurm_cluster, seco_root, tmp_path_factory) -> tuple[str, Path]:
+    """A 1-task pretraining that outlasts --timeout 1 (minute) --max_timeouts 1: requeued once at its time limit,
+    then stopped. It spends most of its two minutes waiting for SLURM's clock, so it is submitted by the first
+    test and checked by its own, with the other jobs running meanwhile."""
+    out = tmp_path_factory.mktemp("timeout") / "run"
+    argv = ["--partition", "debug", "--cpus_per_task", "1", "--mem_per_gpu", "1", "--timeout", "1"]
+    argv += ["--max_timeouts", "1", "--signal_delay_s", "5", "--ngpus", "0", *PRETRAIN, "--epochs", "100000"]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(REPO)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        job_id = run_with_submitit.run(argv + data(seco_root, out)).job_id
+    yield job_id, out
+    subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+
+
+def preempt_once_trained(job_id: str, out: Path) -> None:
+    """scancel --signal=USR2 once the job has written a checkpoint (and so is past its start-up)."""
+
+    def trained() -> bool:
+        return (out / "checkpoint.pth").exists() or scontrol_job(job_id)["JobState"] in FINAL_STATES
+
+    wait_until(trained, f"job {job_id}'s first checkpoint")
+    assert scontrol_job(job_id)["JobState"] == "RUNNING", task_log(out, job_id, stream="err")[-3000:]
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+
+
+def test_two_task_gpu_job_equals_torchrun(submit, seco_root, torchrun_reference, timeout_job, tmp_path):
+    """--ngpus 2 asks the node's GPU generic resources; the two tasks train with gloo to torchrun's weights.
+    (timeout_job: started here, see there.)"""
     out = tmp_path / "run"
     job_id = submit([*SLURM, "--ngpus", "2", *PRETRAIN, "--epochs", str(EPOCHS)] + data(seco_root, out))
     job = wait_for_end(job_id, out)
@@ -203,11 +231,8 @@ def test_preempted_cpu_job_requeues_and_ends_equal(submit, seco_root, torchrun_r
     out = tmp_path / "run"
     argv = [*SLURM, "--ngpus", "0", "--tasks_per_node", "2", *PRETRAIN, "--epochs", str(EPOCHS)]
     job_id = submit(argv + data(seco_root, out))
-    wait_until(
-        lambda: (out / "checkpoint.pth").exists() or scontrol_job(job_id)["JobState"] in FINAL_STATES, "a checkpoint"
-    )
     assert "TresPerNode" not in scontrol_job(job_id)  # no GPU asked
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+    preempt_once_trained(job_id, out)
     job = wait_for_end(job_id, out)
     log = task_log(out, job_id)
     assert job["JobState"] == "COMPLETED", task_log(out, job_id, stream="err")[-3000:]
@@ -218,12 +243,9 @@ def test_preempted_cpu_job_requeues_and_ends_equal(submit, seco_root, torchrun_r
     assert difference <= 1e-6
 
 
-def test_job_past_max_timeouts_stops_with_one_line(submit, seco_root, tmp_path):
+def test_job_past_max_timeouts_stops_with_one_line(timeout_job):
     """--timeout 1 (minute) --max_timeouts 1: requeued once at its time limit, then it stops and says why."""
-    out = tmp_path / "run"
-    argv = ["--partition", "debug", "--cpus_per_task", "1", "--mem_per_gpu", "1", "--timeout", "1"]
-    argv += ["--max_timeouts", "1", "--signal_delay_s", "20", "--ngpus", "0", *PRETRAIN, "--epochs", "100000"]
-    job_id = submit(argv + data(seco_root, out))
+    job_id, out = timeout_job
     job = wait_for_end(job_id, out)
     err = task_log(out, job_id, stream="err")
     stop = [line for line in err.splitlines() if line.startswith("error:")]
@@ -242,10 +264,7 @@ def test_job_past_max_requeues_stops_instead_of_looping(submit, seco_root, tmp_p
     out = tmp_path / "run"
     argv = [*SLURM, "--max_requeues", "0", "--ngpus", "0", *PRETRAIN, "--epochs", "100000"]
     job_id = submit(argv + data(seco_root, out))
-    wait_until(
-        lambda: (out / "checkpoint.pth").exists() or scontrol_job(job_id)["JobState"] in FINAL_STATES, "a checkpoint"
-    )
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+    preempt_once_trained(job_id, out)
     job = wait_for_end(job_id, out)
     stop = [line for line in task_log(out, job_id, stream="err").splitlines() if line.startswith("error:")]
     print(stop)
