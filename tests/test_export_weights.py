@@ -33,23 +33,23 @@ FAMILIES = [
 TOLERANCE = 1e-5
 
 
-def random_backbone(arch: str, patch_size: int, bands: str, seed: int) -> torch.nn.Module:
-    """A backbone in eval mode whose every parameter and BatchNorm statistic is random (not the init's)."""
-    model, _ = utils.build_backbone(arch, patch_size, len(parse_bands(bands)))
+def random_backbone(arch: str, patch_size: int, bands: str, seed: int) -> tuple[torch.nn.Module, int]:
+    """(backbone in eval mode whose every parameter and BatchNorm statistic is random, not the init's; its
+    feature size)."""
+    model, dim = utils.build_backbone(arch, patch_size, len(parse_bands(bands)))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if tensor.is_floating_point():
                 noise = torch.randn(tensor.shape, generator=generator)
                 tensor.copy_(noise.abs() + 0.5 if name.endswith("running_var") else tensor + 0.02 * noise)
-    return model.eval()
+    return model.eval(), dim
 
 
 def training_checkpoint(path, arch, patch_size, bands, namespace_args=False):
     """main_dino_mc's checkpoint (teacher and DDP student with DINO heads), or the published one's args style."""
-    teacher = random_backbone(arch, patch_size, bands, seed=1)
-    student = random_backbone(arch, patch_size, bands, seed=2)
-    dim = utils.build_backbone(arch, patch_size, len(parse_bands(bands)))[1]
+    teacher, dim = random_backbone(arch, patch_size, bands, seed=1)
+    student, _ = random_backbone(arch, patch_size, bands, seed=2) if arch.startswith("vit") else (teacher, dim)
     stored = {"arch": arch, "patch_size": patch_size, "bands": bands}
 
     def with_head(backbone):
@@ -97,14 +97,15 @@ def test_timm_loads_the_export_and_gives_our_features(tmp_path, capsys, arch, pa
     )
     assert_same_features(teacher, model, bands)
 
-    # The other way (item 3): the timm model's own state dict, classifier included, through --pretrained_weights.
-    theirs = timm.create_model(timm_name, in_chans=len(parse_bands(bands)))  # fresh random weights, 1000 classes
-    torch.save(theirs.state_dict(), tmp_path / "timm_own.pth")
+    # The other way (item 3): the timm model's own state_dict(), with a 1000-class classifier as timm's
+    # releases have, through --pretrained_weights, gives the timm model's features.
+    model.reset_classifier(1000)
+    torch.save(model.state_dict(), tmp_path / "timm_own.pth")
     ours = utils.load_pretrained_weights(
         utils.build_backbone(arch, patch_size, len(parse_bands(bands)))[0], str(tmp_path / "timm_own.pth")
     )
-    theirs.reset_classifier(0)
-    assert_same_features(ours, theirs, bands)
+    model.reset_classifier(0)
+    assert_same_features(ours, model, bands)
 
 
 def test_published_style_args_student_and_safetensors(tmp_path):
@@ -172,7 +173,7 @@ def test_existing_output_is_never_overwritten(tmp_path, capsys):
 
 
 def test_bare_state_dict_needs_the_arch(tmp_path, capsys):
-    torch.save(random_backbone("vit_tiny", 16, "RGB", 3).state_dict(), tmp_path / "bare.pth")
+    torch.save(random_backbone("vit_tiny", 16, "RGB", 3)[0].state_dict(), tmp_path / "bare.pth")
     with pytest.raises(SystemExit):
         export_weights.run([str(tmp_path / "bare.pth"), str(tmp_path / "out.pth")])
     assert "stores no args: pass --arch" in capsys.readouterr().err
