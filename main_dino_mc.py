@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,10 @@ MODE_DEFAULTS = {
     "tp": {"global_crops_scale": (0.32, 1.0), "local_crops_scale": (0.05, 0.32), "local_crops_number": 6},
 }
 GLOBAL_CROPS_NUMBER = {"dino": 2, "mc": 2, "tp": 3}
+# What SLURM sends before it stops a job (SIGUSR2 --signal_delay_s before a timeout, SIGTERM on preemption or
+# scancel), and what torchrun forwards to its workers when it is stopped.
+PREEMPTION_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+PREEMPTED_EXIT_CODE = 3  # 1: a crash or a non-finite loss, 2: bad arguments
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -168,6 +174,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default=None, type=str, help="Root of the SeCo-layout data.")
     parser.add_argument("--output_dir", default="output_dir", type=str, help="Where logs and checkpoints go.")
     parser.add_argument("--saveckp_freq", default=20, type=int, help="Keep checkpointNNNN.pth every x epochs.")
+    parser.add_argument(
+        "--checkpoint_every_iters",
+        default=0,
+        type=int,
+        help="Also write checkpoint.pth every N training iterations, mid-epoch (0 = only at the end of an "
+        "epoch, or when SIGUSR2 / SIGTERM announce a preemption). A resumed run continues at that iteration.",
+    )
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per process.")
     parser.add_argument("--print_freq", default=10, type=int, help="Log a line every this many iterations.")
@@ -210,6 +223,8 @@ def _check_args(args: argparse.Namespace) -> None:
     utils.check_arch(args.arch, args.patch_size)  # fails early on an unknown --arch or ViT --patch_size
     if args.batch_size_per_gpu < 1 or args.epochs < 1:
         raise ValueError("--batch_size_per_gpu and --epochs must be positive")
+    if args.checkpoint_every_iters < 0:
+        raise ValueError(f"--checkpoint_every_iters must be >= 0 (0 = off), got {args.checkpoint_every_iters}")
     resolve_crop_args(args)
 
 
@@ -292,6 +307,54 @@ def build_transform(args: argparse.Namespace) -> MultiCropAugmentation:
         raise utils.ConfigError(str(err)) from None
 
 
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler whose items are (index, sample seed) pairs, and which can start an epoch mid-way.
+
+    Why: the seed of a sample is a hash of (--seed, epoch, its position in the epoch's global order), and the
+    sample's augmentations are drawn from it (:class:`SeededSamples`) in whichever worker loads it. The data
+    stream is then a pure function of the run's seed, epoch and iteration, whatever the number of workers
+    and whatever a restart did to their generators. ``set_epoch(epoch, start_iteration)`` skips the batches a
+    preempted run already trained on, so a resumed run sees exactly the samples the uninterrupted one saw.
+    """
+
+    def __init__(self, dataset, batch_size: int, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.batch_size = batch_size
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start_iteration: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start_iteration * self.batch_size
+
+    def __iter__(self):
+        indices = list(super().__iter__())  # this rank's share: positions rank, rank + world, rank + 2 world, ...
+        for local in range(self.start, len(indices)):
+            position = self.rank + local * self.num_replicas
+            yield indices[local], utils.derive_seed("sample", self.seed, self.epoch, position)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """``dataset[index]`` drawn with torch's generator seeded from the sample's seed (the keys of
+    :class:`ResumableSampler`). Everything SeCoDataset and its augmentation draw comes from that generator;
+    the caller's state is restored afterwards, since in the main process (``--num_workers 0``) it also drives
+    dropout and drop-path."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 def build_data(args: argparse.Namespace) -> tuple[SeCoDataset, torch.utils.data.DataLoader]:
     transform = build_transform(args)
     bands = args.bands.split(",")
@@ -304,17 +367,20 @@ def build_data(args: argparse.Namespace) -> tuple[SeCoDataset, torch.utils.data.
         tp_with_replacement=args.tp_with_replacement,
         seed=args.seed,
     )
-    sampler = torch.utils.data.DistributedSampler(
-        dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed
+    sampler = ResumableSampler(
+        dataset, args.batch_size_per_gpu, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed
     )
     loader = torch.utils.data.DataLoader(
-        dataset,
+        SeededSamples(dataset),
         sampler=sampler,
         batch_size=args.batch_size_per_gpu,
         num_workers=args.num_workers,
         pin_memory=args.device.startswith("cuda"),
         drop_last=True,
         persistent_workers=args.num_workers > 0,
+        # The workers' base seed is drawn from this generator, not from the global one: a resumed run creates
+        # its workers at another point of the global stream, which drop-path must not notice.
+        generator=torch.Generator().manual_seed(args.seed),
     )
     if len(loader) == 0:
         raise utils.ConfigError(
@@ -397,7 +463,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"Loss, optimizer and schedulers ready (precision {precision}).")
 
     # ============ resume ============
-    to_restore = {"epoch": 0, "rng_state": None}
+    to_restore = {"epoch": 0, "iteration": 0, "meters": {}, "rng_state": None}
     utils.restart_from_checkpoint(
         output_dir / "checkpoint.pth",
         run_variables=to_restore,
@@ -407,42 +473,23 @@ def main(args: argparse.Namespace) -> None:
         fp16_scaler=fp16_scaler,
         dino_loss=dino_loss,
     )
-    start_epoch = to_restore["epoch"]
+    start_epoch, start_iteration = to_restore["epoch"], to_restore["iteration"]
     if utils.is_main_process():
         utils.trim_json_log(output_dir / "log.txt", start_epoch)
     tensorboard = utils.TensorBoardLog(output_dir, args.tensorboard, start_epoch)
     if to_restore["rng_state"] is not None:
-        restore_rng_state(to_restore["rng_state"], args.seed + start_epoch)
+        restore_rng_state(to_restore["rng_state"], args.seed, start_epoch)
 
-    ema_pairs = (list(teacher_without_ddp.parameters()), list(student_without_ddp.parameters()))
-    start_time = time.time()
-    print(f"Starting {args.data_mode} training from epoch {start_epoch}.")
-    for epoch in range(start_epoch, args.epochs):
-        data_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(
-            student,
-            teacher,
-            ema_pairs,
-            dino_loss,
-            data_loader,
-            optimizer,
-            lr_schedule,
-            wd_schedule,
-            momentum_schedule,
-            epoch,
-            fp16_scaler,
-            precision,
-            args,
-        )
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
-        if utils.is_main_process():  # the log line first: a kill before the checkpoint leaves a line to trim
-            utils.append_json_log(output_dir / "log.txt", log_stats)
-            tensorboard.write(log_stats, epoch)
+    def save(epoch: int, iteration: int, meters: dict) -> dict:
+        """checkpoint.pth to resume from at ``iteration`` of ``epoch`` (0: the epoch's start), with the epoch's
+        running averages so far; every rank calls it, since the RNG states are gathered."""
         save_dict = {
             "student": student.state_dict(),
             "teacher": teacher.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "epoch": epoch + 1,
+            "epoch": epoch,
+            "iteration": iteration,
+            "meters": meters,
             "args": utils.plain_args(args),
             "dino_loss": dino_loss.state_dict(),
             "rng_state": gather_rng_states(),
@@ -450,8 +497,46 @@ def main(args: argparse.Namespace) -> None:
         if fp16_scaler is not None:
             save_dict["fp16_scaler"] = fp16_scaler.state_dict()
         utils.save_on_master(save_dict, output_dir / "checkpoint.pth")
-        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-            utils.save_on_master(save_dict, output_dir / f"checkpoint{epoch:04d}.pth")
+        return save_dict
+
+    ema_pairs = (list(teacher_without_ddp.parameters()), list(student_without_ddp.parameters()))
+    watch = PreemptionWatch()  # before the loader's workers are forked: they inherit its handler
+    start_time = time.time()
+    print(f"Starting {args.data_mode} training from epoch {start_epoch}, iteration {start_iteration}.")
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            first_iteration = start_iteration if epoch == start_epoch else 0
+            data_loader.sampler.set_epoch(epoch, first_iteration)
+            train_stats = train_one_epoch(
+                student,
+                teacher,
+                ema_pairs,
+                dino_loss,
+                data_loader,
+                optimizer,
+                lr_schedule,
+                wd_schedule,
+                momentum_schedule,
+                epoch,
+                fp16_scaler,
+                precision,
+                args,
+                first_iteration=first_iteration,
+                meters=to_restore["meters"] if first_iteration else {},
+                watch=watch,
+                save=save,
+            )
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+            if utils.is_main_process():  # the log line first: a kill before the checkpoint leaves a line to trim
+                utils.append_json_log(output_dir / "log.txt", log_stats)
+                tensorboard.write(log_stats, epoch)
+            save_dict = save(epoch + 1, 0, {})
+            if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+                utils.save_on_master(save_dict, output_dir / f"checkpoint{epoch:04d}.pth")
+            if watch.agreed and epoch + 1 < args.epochs:
+                stop_after_preemption(watch, epoch + 1, 0)
+    finally:
+        watch.restore()
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")
     tensorboard.close()
@@ -467,16 +552,83 @@ def gather_rng_states() -> list[dict]:
     return states
 
 
-def restore_rng_state(states: list[dict], fallback_seed: int) -> None:
-    """Restore this rank's RNG stream; with a different world size, reseed per rank instead."""
+def restore_rng_state(states: list[dict], seed: int, epoch: int) -> None:
+    """Restore this rank's RNG stream; with a different world size, reseed per rank and epoch instead."""
     if len(states) == utils.get_world_size():
         utils.set_rng_state(states[utils.get_rank()])
     else:
         print(
             f"Checkpoint has RNG states for {len(states)} processes, this run has {utils.get_world_size()}: "
-            f"reseeding with {fallback_seed}."
+            f"reseeding from --seed {seed} and epoch {epoch}."
         )
-        utils.fix_random_seeds(fallback_seed)
+        utils.fix_random_seeds(seed, epoch)
+
+
+class PreemptionWatch:
+    """Record SIGUSR2 / SIGTERM instead of dying at once, so that the run can save where it is first.
+
+    The handler only notes the signal. The training step shares it with the other ranks in the all-reduce
+    that checks the loss (:func:`agree_on_step`), so that every rank stops after the same iteration, whichever
+    rank was signalled; the agreed signals are in ``agreed``. ``previous`` holds the handlers installed before
+    (submitit's, which requeues the job); :meth:`restore` puts them back. DataLoader workers forked after
+    this inherit the handler, so a signal to every process of the job (as SLURM sends it) does not kill
+    them under the training loop.
+    """
+
+    def __init__(self):
+        self.received: set[int] = set()
+        self.agreed: set[int] = set()
+        self.previous: dict = {}
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            self.previous = {sig: signal.signal(sig, self._record) for sig in PREEMPTION_SIGNALS}
+
+    def _record(self, signum: int, frame) -> None:
+        self.received.add(signum)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+def agree_on_step(loss: torch.Tensor, watch: PreemptionWatch) -> tuple[float, int]:
+    """The mean loss over ranks and on how many ranks it is not finite; sets ``watch.agreed`` to the
+    preemption signals any rank received.
+
+    One all-reduce of a few numbers built on the loss's device (no host-to-device copy) and one read back,
+    the step's only synchronisation, as ``loss.item()`` was: every rank then takes the same decision (stop
+    for a non-finite loss, save and stop for a preemption) at the same iteration, instead of one rank leaving
+    while the others wait in the next collective.
+    """
+    loss = loss.detach().float()
+    status = loss.new_zeros(2 + len(PREEMPTION_SIGNALS))
+    status[0] = loss
+    status[1] = ~torch.isfinite(loss)
+    for k, signum in enumerate(PREEMPTION_SIGNALS):
+        if signum in watch.received:
+            status[2 + k] = 1.0
+    if utils.is_dist_avail_and_initialized():
+        dist.all_reduce(status)
+    total, not_finite, *signalled = status.tolist()
+    watch.agreed = {signum for signum, count in zip(PREEMPTION_SIGNALS, signalled) if count > 0}
+    return total / utils.get_world_size(), int(not_finite)
+
+
+def stop_after_preemption(watch: PreemptionWatch, epoch: int, iteration: int) -> None:
+    """Leave after the preemption checkpoint: under submitit its handler requeues the job (rank 0) and exits;
+    otherwise (plain process, torchrun) one line and exit code PREEMPTED_EXIT_CODE."""
+    if utils.is_dist_avail_and_initialized():
+        dist.barrier()  # the checkpoint is written before any rank exits (torchrun stops all on one exit)
+    signum = signal.SIGUSR2 if signal.SIGUSR2 in watch.agreed else signal.SIGTERM
+    previous = watch.previous.get(signum)
+    watch.restore()
+    if callable(previous):
+        previous(signum, None)
+    print(
+        f"preempted at epoch {epoch}, iteration {iteration}: checkpoint saved; run the same command to resume",
+        flush=True,
+    )
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def train_one_epoch(
@@ -493,12 +645,23 @@ def train_one_epoch(
     fp16_scaler,
     precision,
     args,
+    *,
+    first_iteration: int,
+    meters: dict,
+    watch: PreemptionWatch,
+    save: Callable[[int, int, dict], dict],
 ) -> dict:
+    """One epoch from ``first_iteration`` on (a resumed preempted run), the running averages continued from
+    ``meters``; mid-epoch ``save`` every --checkpoint_every_iters iterations and on a preemption."""
     metric_logger = utils.MetricLogger(delimiter="  ")
+    for name, (total, count) in meters.items():
+        metric_logger.meters[name].total, metric_logger.meters[name].count = total, count
     header = f"Epoch: [{epoch}/{args.epochs}]"
     teacher_params, student_params = ema_pairs
-    for it, images in enumerate(metric_logger.log_every(data_loader, args.print_freq, header)):
-        it = len(data_loader) * epoch + it  # global training iteration
+    niter = len(lr_schedule) // args.epochs  # iterations of a whole epoch
+    batches = metric_logger.log_every(data_loader, args.print_freq, header)
+    for epoch_it, images in enumerate(batches, start=first_iteration):
+        it = niter * epoch + epoch_it  # global training iteration
         for i, param_group in enumerate(optimizer.param_groups):
             param_group["lr"] = float(lr_schedule[it])  # Python floats: the checkpoint loads with torch.load
             if i == 0:  # only the first group is regularised
@@ -510,12 +673,12 @@ def train_one_epoch(
             student_output = student(images)
             loss = dino_loss(student_output, teacher_output, epoch)
 
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
+        loss_value, not_finite = agree_on_step(loss, watch)
+        if not_finite:
             print(
-                f"Loss is {loss_value} at epoch {epoch}, iteration {it}: stopping training. The last good "
-                f"checkpoint in {args.output_dir} is left as it was.",
-                force=True,
+                f"Loss is {loss_value} at epoch {epoch}, iteration {it} (not finite on {not_finite} of "
+                f"{utils.get_world_size()} processes): stopping training. The last good checkpoint in "
+                f"{args.output_dir} is left as it was."
             )
             sys.exit(1)
 
@@ -540,6 +703,14 @@ def train_one_epoch(
         metric_logger.update(loss=loss_value)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
+
+        done = epoch_it + 1  # iterations of this epoch trained; the last one is saved by the caller
+        every = args.checkpoint_every_iters
+        if done < niter and (watch.agreed or (every and (it + 1) % every == 0)):
+            # The meters are equal on every rank (the loss is the all-reduced mean): rank 0's are saved.
+            save(epoch, done, {name: [m.total, m.count] for name, m in metric_logger.meters.items()})
+            if watch.agreed:
+                stop_after_preemption(watch, epoch, done)
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}

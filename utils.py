@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import ctypes
 import datetime
+import glob
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ import re
 import sys
 import time
 import urllib.parse
+import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -725,11 +727,15 @@ class MetricLogger:
 
 
 def append_json_log(path: str | Path, stats: dict) -> None:
-    """Append one JSON line (one epoch) to ``log.txt`` and flush it to disk before the checkpoint is written."""
-    with open(path, "a") as f:
-        f.write(json.dumps(stats) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Add one JSON line (one epoch) to ``log.txt``, on disk before the checkpoint is written.
+
+    The file is rewritten atomically (:func:`write_atomically`) rather than appended to: an append cut by a
+    kill leaves half a line, which the next run's :func:`trim_json_log` could not parse. A log has one line
+    per epoch, so rewriting it costs nothing.
+    """
+    path = Path(path)
+    previous = path.read_bytes() if path.is_file() else b""
+    write_atomically(path, lambda f: f.write(previous + (json.dumps(stats) + "\n").encode()))
 
 
 def trim_json_log(path: str | Path, next_epoch: int) -> None:
@@ -741,9 +747,7 @@ def trim_json_log(path: str | Path, next_epoch: int) -> None:
     lines = path.read_text().splitlines()
     kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", -1) < next_epoch]
     if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
 
 class Progress:
@@ -843,23 +847,49 @@ def _scalar_items(stats: dict, prefix: str = "") -> Iterator[tuple[str, float]]:
 # ============================================================================================ checkpoints
 
 
-def save_checkpoint(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` with torch.save atomically: a temporary file in the same folder, fsync, then rename.
+def write_atomically(path: str | Path, write: Callable[[Any], Any]) -> None:
+    """Call ``write(f)`` on a temporary binary file beside ``path``, fsync it, then rename it to ``path``.
 
     A crash or a kill at any moment leaves either the previous file or the new one, never a truncated mix,
-    because ``os.replace`` within one file system is atomic.
+    because ``os.replace`` within one file system is atomic. The temporary file is named after this process;
+    those of earlier processes that were killed before their rename (possibly a checkpoint's size each) are
+    removed first.
     """
     path = Path(path)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete ``.<name>.tmp.<pid>`` files beside ``path`` whose process no longer runs (killed mid-write)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp.*"):
+        pid = tmp.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def save_checkpoint(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` with torch.save atomically (:func:`write_atomically`)."""
+    write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def save_on_master(obj: Any, path: str | Path) -> None:
@@ -1022,25 +1052,39 @@ def google_drive_id(spec: str) -> str | None:
 def _download_once(target: Path, download: Callable[[Path], None], source: str) -> Path:
     """Fetch ``source`` into ``target`` unless it is cached; rank 0 of each node downloads, the others wait.
 
-    The download goes to ``<target>.partial`` and is renamed only when complete, so an interrupted run
-    leaves no file that a re-run would mistake for a finished download: it simply starts the download again.
+    The download goes to a partial file with a random name beside ``target`` and is renamed only when
+    complete: an interrupted run leaves no file that a re-run would mistake for a finished download, and
+    several nodes downloading into one shared cache folder each write their own file (the renames are
+    atomic, the last one wins with identical bytes). Every rank learns whether the download failed anywhere
+    (one all-gather instead of a barrier), so a failure stops all ranks with its message instead of leaving
+    the others waiting in a collective until the timeout.
     """
-    local_main = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if local_main and not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        print(f"Downloading {source} to {target}", flush=True)
+    error = None
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not target.is_file():
         try:
-            download(partial)
-        except Exception as err:  # network, HTTP and Drive errors: report them as one line
-            partial.unlink(missing_ok=True)
-            raise ConfigError(f"--pretrained_weights {source}: download failed: {one_line(err)}") from None
-        os.replace(partial, target)
+            _download_to(target, download, source)
+        except Exception as err:  # network, HTTP, Drive and file-system errors: report them as one line
+            error = f"--pretrained_weights {source}: download failed: {one_line(err)}"
     if is_dist_avail_and_initialized():
-        dist.barrier()
+        errors: list = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise ConfigError(error)
     if not target.is_file():
         raise ConfigError(f"--pretrained_weights {source}: {target} is missing after the download")
     return target
+
+
+def _download_to(target: Path, download: Callable[[Path], None], source: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+    print(f"Downloading {source} to {target}", flush=True)
+    try:
+        download(partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def resolve_weights_path(spec: str, cache: str | Path | None = None) -> Path:

@@ -123,23 +123,47 @@ class Block(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
-    def forward_packed(self, x: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
-        """``forward`` on packed tokens (T, C): norms and MLP are token-wise, so they run once on all tokens."""
-        x = self._packed_residual(x, self.attn.forward_packed(self.norm1(x), segments), segments)
-        return self._packed_residual(x, self.mlp(self.norm2(x)), segments)
+    def forward_packed(
+        self, x: torch.Tensor, segments: list[tuple[int, int]], sample_index: torch.Tensor
+    ) -> torch.Tensor:
+        """``forward`` on packed tokens (T, C): norms and MLP are token-wise, so they run once on all tokens.
+        ``sample_index``: :func:`packed_sample_index` of ``segments``, built once by the caller for all blocks."""
+        x = self._packed_residual(x, self.attn.forward_packed(self.norm1(x), segments), segments, sample_index)
+        return self._packed_residual(x, self.mlp(self.norm2(x)), segments, sample_index)
 
-    def _packed_residual(self, x: torch.Tensor, branch: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
-        """x + drop_path(branch), with timm's DropPath per sample: its keep/scale factor repeated over the sample's
-        tokens and applied in the same pass as the residual sum (one ``addcmul`` instead of a multiply and an add
-        over the (T, C) tokens)."""
+    def _packed_residual(
+        self,
+        x: torch.Tensor,
+        branch: torch.Tensor,
+        segments: list[tuple[int, int]],
+        sample_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x + drop_path(branch), with timm's DropPath per sample: its keep/scale factor gathered for every token
+        from its sample (``sample_index``) and applied in the same pass as the residual sum (one ``addcmul``
+        instead of a multiply and an add over the (T, C) tokens)."""
         if not self.training or not isinstance(self.drop_path, DropPath) or self.drop_path.drop_prob == 0.0:
             return x + branch
         keep_prob = 1.0 - self.drop_path.drop_prob
         scale = x.new_empty(sum(B for B, _ in segments)).bernoulli_(keep_prob)
         if keep_prob > 0.0 and self.drop_path.scale_by_keep:
             scale.div_(keep_prob)
-        tokens = torch.tensor([N for B, N in segments for _ in range(B)], device=branch.device)
-        return torch.addcmul(x, branch, scale.repeat_interleave(tokens, output_size=branch.shape[0]).unsqueeze(1))
+        if sample_index is None:
+            sample_index = packed_sample_index(segments, x.device)
+        return torch.addcmul(x, branch, scale[sample_index].unsqueeze(1))
+
+
+def packed_sample_index(segments: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """(T,) index of the sample each packed token belongs to, for ``segments`` [(B, N), ...] laid end to end.
+
+    Built on ``device`` from Python ints only (arange, expand): no tensor is copied from the host, so on CUDA
+    nothing waits for the GPU. A ``torch.tensor(list, device=...)`` here cost a blocking host-to-device copy
+    per block and residual (24 per ViT-S student step); the caller builds this once per packed forward.
+    """
+    parts, start = [], 0
+    for B, N in segments:
+        parts.append(torch.arange(start, start + B, device=device).unsqueeze(1).expand(B, N).reshape(-1))
+        start += B
+    return torch.cat(parts)
 
 
 class PatchEmbed(nn.Module):
@@ -253,8 +277,9 @@ class VisionTransformer(nn.Module):
         tokens = [self.prepare_tokens(x) for x in crops]
         segments = [(t.shape[0], t.shape[1]) for t in tokens]
         x = torch.cat([t.reshape(-1, self.embed_dim) for t in tokens])
+        sample_index = packed_sample_index(segments, x.device)  # once for all blocks
         for blk in self.blocks:
-            x = blk.forward_packed(x, segments)
+            x = blk.forward_packed(x, segments, sample_index)
         cls_rows, start = [], 0
         for B, N in segments:
             cls_rows.append(torch.arange(start, start + B * N, N, device=x.device))
@@ -368,6 +393,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
     ):
         super().__init__()
+        self.in_dim = in_dim  # the backbone's feature size
         nlayers = max(nlayers, 1)
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)

@@ -1,0 +1,450 @@
+"""Long multi-process runs: exact resume with loader workers, preemption mid-epoch, no hangs, kill-safe writers.
+
+The multi-process tests start real gloo process groups (two ranks, each its own process) so that a rank that
+leaves early, or waits for one that left, shows up as it would on a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_dino_mc
+import utils
+from datasets.demo import write_seco_demo
+from datasets.seco import SeCoDataset
+
+REPO = Path(__file__).resolve().parents[1]
+ITERS_PER_EPOCH = 4  # 8 locations, batch 2, one process
+
+
+@pytest.fixture(scope="module")
+def seco_root(tmp_path_factory) -> Path:
+    return write_seco_demo(tmp_path_factory.mktemp("seco") / "seco", n_locations=8, n_acquisitions=2, seed=2)
+
+
+def tiny_args(data_path: Path, output_dir: Path, *extra: str) -> list[str]:
+    """A ViT whose student uses drop-path (the main process's RNG) and whose teacher moves fast."""
+    return [
+        *("--arch", "vit_tiny", "--patch_size", "16", "--data_mode", "mc", "--out_dim", "64"),
+        *("--data_path", str(data_path), "--output_dir", str(output_dir), "--epochs", "2"),
+        *("--batch_size_per_gpu", "2", "--global_crops_size", "32", "--local_crops_number", "2"),
+        *("--size_crops", "24", "16", "--precision", "fp32", "--device", "cpu", "--seed", "0"),
+        *("--warmup_epochs", "0", "--momentum_teacher", "0.9", "--saveckp_freq", "0", "--print_freq", "1"),
+        *("--num_workers", "0"),
+        *extra,
+    ]
+
+
+def child_env(**extra: str) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_script(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300, **kwargs
+    )
+
+
+def max_teacher_diff(a: Path, b: Path) -> float:
+    ta, tb = torch.load(a / "checkpoint.pth")["teacher"], torch.load(b / "checkpoint.pth")["teacher"]
+    assert ta.keys() == tb.keys()
+    return max((ta[k].float() - tb[k].float()).abs().max().item() for k in ta)
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(code_args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
+    """``world_size`` processes of one gloo job on this machine (the variables torchrun would set)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        env = child_env(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *code_args],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str, str]]:
+    """Return code, stdout and stderr of every process; a process still running after ``timeout`` (a hang) is
+    killed and fails the test."""
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("a rank was still waiting after the others stopped (hang)")
+        results.append((proc.returncode, out, err))
+    return results
+
+
+# ============================================================================ seeds and the data stream
+
+
+def test_process_seeds_never_coincide_across_ranks_and_epochs(monkeypatch):
+    """seed + epoch + rank gave rank 1 at epoch 0 the stream of rank 0 at epoch 1; derived seeds never coincide."""
+    draws = {}
+    for rank in range(4):
+        monkeypatch.setattr(utils, "get_rank", lambda rank=rank: rank)
+        for epoch in range(4):
+            utils.fix_random_seeds(0, epoch)
+            draws[rank, epoch] = torch.rand(4).tolist()
+    assert len({tuple(d) for d in draws.values()}) == 16
+    assert draws[1, 0] != draws[0, 1]
+    seeds = {utils.derive_seed(s, 0, a, b) for s in ("process", "sample") for a in range(20) for b in range(20)}
+    assert len(seeds) == 800 and all(0 <= s < 2**63 for s in seeds)
+
+
+class RandomSamples(torch.utils.data.Dataset):
+    """Each item is what torch's global generator draws when it is loaded, and its index."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.rand(3), index
+
+
+def loader_draws(num_workers: int, epoch: int, start_iteration: int = 0, rank: int = 0) -> list[list[float]]:
+    sampler = main_dino_mc.ResumableSampler(RandomSamples(), 2, num_replicas=2, rank=rank, shuffle=True, seed=5)
+    sampler.set_epoch(epoch, start_iteration)
+    loader = torch.utils.data.DataLoader(
+        main_dino_mc.SeededSamples(RandomSamples()),
+        sampler=sampler,
+        batch_size=2,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),
+    )
+    return [row for draws, _ in loader for row in draws.tolist()]
+
+
+def test_data_stream_depends_only_on_seed_epoch_and_position():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    in_process = loader_draws(num_workers=0, epoch=3)
+    assert torch.rand(1) == expected_next  # the caller's generator (drop-path's) is left as it was
+    assert loader_draws(num_workers=2, epoch=3) == in_process  # any number of workers, any worker state
+    assert loader_draws(num_workers=0, epoch=3, start_iteration=1) == in_process[2:]  # resumed mid-epoch
+    other_rank, other_epoch = loader_draws(0, epoch=3, rank=1), loader_draws(0, epoch=4)
+    rows = [tuple(r) for r in in_process + other_rank + other_epoch]
+    assert len(set(rows)) == len(rows) == 15  # no two samples of any rank or epoch share their draws
+
+
+# ============================================================================ preemption and exact resume
+
+
+def sigusr2_after_first_step(args: list[str]) -> subprocess.CompletedProcess:
+    """Run ``main_dino_mc.py args`` in its own session and send SIGUSR2 to all of its processes (the loader's
+    workers too, as SLURM does) as soon as the first training step has been logged."""
+    proc = subprocess.Popen(
+        [sys.executable, "main_dino_mc.py", *args],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f"Epoch: [0/2]  [1/{ITERS_PER_EPOCH}]"):
+            os.killpg(proc.pid, signal.SIGUSR2)
+            break
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + out, err)
+
+
+def test_sigusr2_mid_epoch_with_workers_saves_and_resumes_to_the_same_teacher(seco_root, tmp_path):
+    workers = ("--num_workers", "2")
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    proc = run_script(["main_dino_mc.py", *tiny_args(seco_root, straight, *workers)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    proc = sigusr2_after_first_step(tiny_args(seco_root, preempted, *workers))
+    assert proc.returncode == main_dino_mc.PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
+    ckpt = torch.load(preempted / "checkpoint.pth")
+    assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] < ITERS_PER_EPOCH  # mid-epoch, not the last epoch end
+    message = f"preempted at epoch 0, iteration {ckpt['iteration']}: checkpoint saved; run the same command to resume"
+    assert message in proc.stdout
+    assert not (preempted / "log.txt").exists()  # no epoch finished
+
+    proc = run_script(["main_dino_mc.py", *tiny_args(seco_root, preempted, *workers)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"from epoch 0, iteration {ckpt['iteration']}" in proc.stdout
+    assert max_teacher_diff(straight, preempted) <= 1e-6
+    # The epoch's averages continue across the restart: the same log as the uninterrupted run.
+    for a, b in zip(read_log(straight), read_log(preempted), strict=True):
+        assert a["epoch"] == b["epoch"] and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_checkpoint_every_iters_saves_mid_epoch(seco_root, tmp_path, monkeypatch):
+    saved = []
+    original = utils.save_on_master
+
+    def record(obj, path):
+        saved.append((Path(path).name, obj["epoch"], obj["iteration"], sorted(obj["meters"])))
+        original(obj, path)
+
+    monkeypatch.setattr(utils, "save_on_master", record)
+    main_dino_mc.run(tiny_args(seco_root, tmp_path, "--checkpoint_every_iters", "3"))
+    # global iterations 3 and 6 are mid-epoch (epoch 0 it. 3, epoch 1 it. 2); the epoch ends save too
+    assert saved == [
+        ("checkpoint.pth", 0, 3, ["loss", "lr", "wd"]),
+        ("checkpoint.pth", 1, 0, []),
+        ("checkpoint.pth", 1, 2, ["loss", "lr", "wd"]),
+        ("checkpoint.pth", 2, 0, []),
+    ]
+
+
+def test_checkpoint_every_iters_must_not_be_negative(seco_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main_dino_mc.run(tiny_args(seco_root, tmp_path, "--checkpoint_every_iters", "-1"))
+    assert exc.value.code == 2 and "--checkpoint_every_iters must be >= 0" in capsys.readouterr().err
+
+
+def test_signal_to_one_rank_stops_both_at_the_same_iteration(seco_root, tmp_path):
+    """SIGUSR2 to rank 1 only: both ranks agree to stop after the same step, rank 0 saves, both exit 3."""
+    procs = start_ranks(["main_dino_mc.py", *tiny_args(seco_root, tmp_path, "--batch_size_per_gpu", "1")])
+    for line in procs[0].stdout:  # rank 0 logs (rank 1 prints nothing)
+        if line.startswith(f"Epoch: [0/2]  [1/{ITERS_PER_EPOCH}]"):
+            procs[1].send_signal(signal.SIGUSR2)
+            break
+    results = finish(procs)
+    assert [code for code, _, _ in results] == [main_dino_mc.PREEMPTED_EXIT_CODE] * 2, results[0][2][-2000:]
+    ckpt = torch.load(tmp_path / "checkpoint.pth")
+    assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] < ITERS_PER_EPOCH and len(ckpt["rng_state"]) == 2
+    assert f"preempted at epoch 0, iteration {ckpt['iteration']}" in results[0][1]
+
+
+NAN_ON_RANK_1 = """
+import os, sys
+import main_dino_mc
+original, calls = main_dino_mc.DINOLoss.forward, []
+def forward(self, *args, **kwargs):
+    calls.append(1)
+    loss = original(self, *args, **kwargs)
+    return loss * float("nan") if os.environ["RANK"] == "1" and len(calls) == 2 else loss
+main_dino_mc.DINOLoss.forward = forward
+main_dino_mc.run(sys.argv[1:])
+"""
+
+
+def test_nan_on_one_rank_stops_every_rank(seco_root, tmp_path):
+    procs = start_ranks(["-c", NAN_ON_RANK_1, *tiny_args(seco_root, tmp_path, "--batch_size_per_gpu", "1")])
+    results = finish(procs)
+    assert [code for code, _, _ in results] == [1, 1], results[0][2][-2000:]
+    assert "Loss is nan at epoch 0, iteration 1 (not finite on 1 of 2 processes)" in results[0][1]
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+
+# ============================================================================ downloads
+
+
+FAILED_DOWNLOAD = """
+import sys
+import torch.distributed as dist
+import utils
+dist.init_process_group("gloo")
+try:
+    utils.resolve_weights_path("http://127.0.0.1:9/weights.pth", sys.argv[1])
+except utils.ConfigError as err:
+    print(err, flush=True)
+    sys.exit(2)
+"""
+
+
+def test_failed_download_stops_every_rank_with_the_error(tmp_path):
+    """Rank 0 downloads (LOCAL_RANK 0) and fails; rank 1 used to wait for it in a barrier."""
+    procs = start_ranks(["-c", FAILED_DOWNLOAD, str(tmp_path / "cache")])
+    results = finish(procs, timeout=120)
+    assert [code for code, _, _ in results] == [2, 2], results[1][2][-2000:]
+    for _, out, _ in results:
+        assert "--pretrained_weights http://127.0.0.1:9/weights.pth: download failed" in out
+
+
+def test_nodes_sharing_a_cache_folder_do_not_corrupt_each_other(tmp_path):
+    """Two downloads of one file into one folder, interleaved: each writes its own partial file."""
+    content = bytes(range(256)) * 64
+    both_half_way = threading.Barrier(2)
+
+    def download(dst: Path) -> None:
+        with open(dst, "wb") as f:
+            f.write(content[: len(content) // 2])
+            f.flush()
+            both_half_way.wait(timeout=30)
+            f.write(content[len(content) // 2 :])
+
+    target = tmp_path / "cache" / "w.pth"
+    results, errors = [], []
+
+    def node() -> None:
+        try:
+            results.append(utils._download_once(target, download, "http://example.org/w.pth"))
+        except Exception as err:  # the old shared ".partial" made the second rename fail
+            errors.append(err)
+
+    threads = [threading.Thread(target=node) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and results == [target, target]
+    assert target.read_bytes() == content
+    assert [p.name for p in target.parent.iterdir()] == ["w.pth"]
+
+
+# ============================================================================ kills at every writer
+
+KILL_AT_RENAME = """
+import os, runpy, signal, sys
+name, left = sys.argv[1], [int(sys.argv[2])]
+def killing(rename):
+    def at_rename(src, dst, *args, **kwargs):
+        if os.fspath(dst).endswith(name):
+            left[0] -= 1
+            if left[0] == 0:
+                os.kill(os.getpid(), signal.SIGKILL)  # the write is complete, the rename has not happened
+        return rename(src, dst, *args, **kwargs)
+    return at_rename
+os.replace, os.rename = killing(os.replace), killing(os.rename)
+sys.argv = sys.argv[3:]
+if sys.argv[0].endswith(".py"):
+    runpy.run_path(sys.argv[0], run_name="__main__")
+else:
+    exec(sys.argv[0])
+"""
+
+
+def killed_at_rename(name: str, *args: str, occurrence: int = 1) -> None:
+    """Run ``args`` (a script and its flags, or code), killed by SIGKILL when it renames a file onto a path that
+    ends with ``name`` (the ``occurrence``-th time)."""
+    proc = run_script(["-c", KILL_AT_RENAME, name, str(occurrence), *args])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+def test_kill_at_log_and_checkpoint_writes_keeps_them_and_resumes(seco_root, tmp_path):
+    one_epoch = tiny_args(seco_root, tmp_path, "--epochs", "1")
+    main_dino_mc.run(one_epoch)
+    checkpoint, log = (tmp_path / "checkpoint.pth").read_bytes(), (tmp_path / "log.txt").read_bytes()
+
+    killed_at_rename("log.txt", "main_dino_mc.py", *tiny_args(seco_root, tmp_path))
+    assert (tmp_path / "log.txt").read_bytes() == log and (tmp_path / "checkpoint.pth").read_bytes() == checkpoint
+
+    killed_at_rename("checkpoint.pth", "main_dino_mc.py", *tiny_args(seco_root, tmp_path))
+    assert (tmp_path / "checkpoint.pth").read_bytes() == checkpoint
+    assert [e["epoch"] for e in read_log(tmp_path)] == [0, 1]  # epoch 1 logged, its checkpoint never written
+
+    main_dino_mc.run(tiny_args(seco_root, tmp_path))
+    assert torch.load(tmp_path / "checkpoint.pth")["epoch"] == 2
+    assert [e["epoch"] for e in read_log(tmp_path)] == [0, 1]  # the orphan line trimmed, the epoch redone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "log.txt"]  # killed temporaries gone
+
+
+TOY_FIT = """
+import sys
+sys.path.insert(0, "tests")
+import test_engine
+test_engine.train_toy(test_engine.make_args(sys.argv[1], epochs=4, lr=0.01))
+"""
+
+
+def test_kill_at_best_checkpoint_write_keeps_best_and_checkpoint_consistent(tmp_path):
+    """The toy's validation accuracy is best at epoch 1 (0.60, 0.93, 0.93, 0.93): kill at that best's write."""
+    killed_at_rename("checkpoint_best.pth", TOY_FIT, str(tmp_path), occurrence=2)
+    # checkpoint.pth does not call epoch 1 the best while checkpoint_best.pth still holds epoch 0's weights.
+    assert torch.load(tmp_path / "checkpoint_best.pth", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["epoch"] == 1
+
+    proc = run_script(["-c", TOY_FIT, str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved_best = torch.load(tmp_path / "checkpoint_best.pth", weights_only=False)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved_best["epoch"] - 1 == metrics["best"]["epoch"] == 1
+
+
+def test_kill_at_pack_rename_leaves_no_pack_and_the_next_run_packs(seco_root, tmp_path):
+    output = tmp_path / "rgb.pack"
+    killed_at_rename(output.name, "prepare_data.py", "--data_path", str(seco_root), "--output_path", str(output))
+    assert not output.exists() and (tmp_path / f".{output.name}.partial").is_dir()
+    proc = run_script(["prepare_data.py", "--data_path", str(seco_root), "--output_path", str(output)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tree, packed = SeCoDataset(seco_root), SeCoDataset(output)
+    assert packed.locations == tree.locations
+    assert torch.equal(packed.load(3, 1), tree.load(3, 1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rgb.pack"]
+
+
+FAKE_DOWNLOAD = """
+import sys, torch.hub
+import utils
+torch.hub.download_url_to_file = lambda url, dst, progress=True: open(dst, "wb").write(b"weights " * 1000)
+print(utils.resolve_weights_path("https://example.org/w.pth", sys.argv[1]))
+"""
+
+
+def test_kill_at_download_rename_leaves_no_cached_file_and_the_next_run_downloads(tmp_path):
+    cache = tmp_path / "cache"
+    killed_at_rename("-w.pth", FAKE_DOWNLOAD, str(cache))  # the cache's name: <digest of the URL>-w.pth
+    assert [p.name.endswith(".partial") for p in cache.iterdir()] == [True]  # nothing looks like a download
+    proc = run_script(["-c", FAKE_DOWNLOAD, str(cache)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cached = Path(proc.stdout.strip().splitlines()[-1])
+    assert cached.parent == cache and cached.read_bytes() == b"weights " * 1000
+
+
+# ============================================================================ host-device syncs of the step
+
+
+def test_packed_pass_builds_its_sample_index_once_and_copies_nothing_from_the_host(monkeypatch):
+    """On CUDA, a tensor made from a Python list is a blocking host-to-device copy: the packed pass used to make
+    one per block and residual. Here no tensor may come from host data, and the index is built once."""
+    import vision_transformer as vits
+
+    segments = [(2, 5), (3, 2)]
+    expected = torch.repeat_interleave(torch.arange(5), torch.tensor([5, 5, 2, 2, 2]))
+    assert torch.equal(vits.packed_sample_index(segments, torch.device("cpu")), expected)
+
+    model = vits.vit_tiny(patch_size=16, drop_path_rate=0.5).train()
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(3, 3, 16, 16)]
+    calls = []
+    build = vits.packed_sample_index
+    monkeypatch.setattr(vits, "packed_sample_index", lambda *a: calls.append(a) or build(*a))
+
+    def from_host(*args, **kwargs):
+        raise AssertionError("a tensor built from host data in the packed pass")
+
+    monkeypatch.setattr(torch, "tensor", from_host)
+    monkeypatch.setattr(torch, "as_tensor", from_host)
+    out = model.forward_packed(crops)
+    assert out.shape == (5, model.embed_dim) and len(calls) == 1
