@@ -8,6 +8,7 @@ they fail instead, so CI always runs them. Waits are bounded but generous: other
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -60,47 +61,59 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """The one-node cluster of tests/slurm/cluster.sh, on free ports, with SLURM_CONF exported for the tests and
-    their jobs. The first job id is random: submitit derives a job's MASTER_PORT from its id, so concurrent test
-    sessions must not number their jobs alike."""
-    reason = slurm_unavailable()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the SLURM tests: {reason}")
-        pytest.skip(reason)
-    directory = tmp_path_factory.mktemp("slurm")
+@contextlib.contextmanager
+def one_node_cluster(directory: Path, gpus: int):
+    """Bring up tests/slurm/cluster.sh in ``directory`` on free ports with ``gpus`` GPU generic resources; yield
+    its slurm.conf; down at the end. The first job id is random: submitit derives a job's MASTER_PORT from its
+    id, so concurrent test sessions must not number their jobs alike."""
     env = {
         **os.environ,
         "SLURM_CTLD_PORT": str(free_port()),
         "SLURM_D_PORT": str(free_port()),
         "SLURM_FIRST_JOB_ID": str(random.randint(10_000, 60_000_000)),
+        "SLURM_GPUS": str(gpus),
         "SLURM_WAIT_S": str(CLUSTER_WAIT_S // 2),
     }
     start = time.monotonic()
-    up = subprocess.run(
-        [CLUSTER_SCRIPT, "up", directory], env=env, capture_output=True, text=True, timeout=CLUSTER_WAIT_S
-    )
-    seconds = time.monotonic() - start
-    if up.returncode:
-        subprocess.run([CLUSTER_SCRIPT, "down", directory], capture_output=True, timeout=CLUSTER_WAIT_S)
-        pytest.fail(f"the SLURM cluster did not come up: {up.stderr.strip()}")
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(directory / "slurm.conf")
-    version = subprocess.run(["scontrol", "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
-    print(f"\nSLURM cluster up in {seconds:.1f} s ({version}): {up.stdout.strip()}")
     try:
-        yield directory
+        up = subprocess.run(
+            [CLUSTER_SCRIPT, "up", directory], env=env, capture_output=True, text=True, timeout=CLUSTER_WAIT_S
+        )
+        if up.returncode:
+            pytest.fail(f"the SLURM cluster did not come up: {up.stderr.strip()}")
+        conf = directory / "slurm.conf"
+        seconds = time.monotonic() - start
+        version = subprocess.run(
+            ["scontrol", "--version"], env={**env, "SLURM_CONF": str(conf)}, capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+        print(f"\nSLURM cluster ({version}, {gpus} GPUs) up in {seconds:.1f} s: {up.stdout.strip()}")
+        yield conf
     finally:
         down = subprocess.run(
             [CLUSTER_SCRIPT, "down", directory], capture_output=True, text=True, timeout=CLUSTER_WAIT_S
         )
-        if previous is None:
-            os.environ.pop("SLURM_CONF")
-        else:
-            os.environ["SLURM_CONF"] = previous
-        assert down.returncode == 0, down.stderr
+    assert down.returncode == 0, down.stderr
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """The one-node cluster with two placeholder GPUs, SLURM_CONF exported for the tests and their jobs; skipped
+    with the reason where SLURM cannot run, except under CI."""
+    reason = slurm_unavailable()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the SLURM tests: {reason}")
+        pytest.skip(reason)
+    with pytest.MonkeyPatch.context() as monkeypatch, one_node_cluster(tmp_path_factory.mktemp("slurm"), 2) as conf:
+        monkeypatch.setenv("SLURM_CONF", str(conf))
+        yield conf
+
+
+@pytest.fixture(scope="module")
+def gpuless_cluster(slurm_cluster, tmp_path_factory):
+    """A second cluster whose node has no GPU generic resources, as on a CPU-only cluster."""
+    with one_node_cluster(tmp_path_factory.mktemp("slurm_gpuless"), 0) as conf:
+        yield conf
 
 
 @pytest.fixture
@@ -372,3 +385,17 @@ def test_requeue_racing_the_job_end_leaves_it_requeued(slurm_cluster, capsys):
     assert second.returncode != 0  # what requeue_job takes as "already requeued"
     assert job["Restarts"] == "1"
     assert out.count(f"Requeued job {job_id} (3 remaining timeouts)") == 2
+
+
+def test_gpus_asked_of_a_cluster_without_gpus_is_one_line(gpuless_cluster, monkeypatch, capsys, seco_root, tmp_path):
+    """sbatch's gres refusal names --ngpus (which --ngpus 0 avoids), instead of a traceback."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("SLURM_CONF", str(gpuless_cluster))
+    with pytest.raises(SystemExit) as exc:
+        run_with_submitit.run([*SLURM, "--ngpus", "1", *PRETRAIN] + data(seco_root, tmp_path / "run"))
+    captured = capsys.readouterr()
+    print(captured.err.strip())
+    assert exc.value.code == 2 and captured.out == ""
+    assert captured.err == (
+        "error: sbatch refused the job: Invalid generic resource (gres) specification; change --ngpus 1\n"
+    )

@@ -9,9 +9,10 @@
 # Everything (config, state, logs, its own munged and key) lives in DIR, so several clusters can run side by
 # side on different ports: SLURM_CTLD_PORT, SLURM_D_PORT (default 6817, 6818) and SLURM_FIRST_JOB_ID choose
 # them. The node is this host, declared with SLURM_CPUS CPUs (default 8, more than a laptop may have: the
-# declared node is used as written) and two placeholder "GPUs" as generic resources, so GPU job scripts are
-# accepted; their tasks run on the CPU. Partitions: debug (default) and acct, which only account "dino" may use;
-# both have a 60-minute time limit, enforced at submission.
+# declared node is used as written) and SLURM_GPUS placeholder "GPUs" as generic resources (default 2; 0: a
+# cluster without GPUs), so GPU job scripts are accepted; their tasks run on the CPU. Partitions: debug
+# (default) and acct, which only account "dino" may use (a cluster without an accounting database knows no
+# account, so acct refuses every job); both have a 60-minute time limit, enforced at submission.
 set -euo pipefail
 
 usage() { echo "usage: $0 up|down DIR" >&2; exit 2; }
@@ -33,10 +34,17 @@ start_daemon() {
 }
 
 write_config() {
-    local host
+    local host gpus=${SLURM_GPUS:-2} gres="" gres_types="" gpu
     host=$(hostname -s)
     mkdir -p "$dir"/{state,spool,log}
-    for gpu in gpu0 gpu1; do [[ -c $dir/$gpu ]] || mknod "$dir/$gpu" c 1 3; done  # like /dev/null
+    if ((gpus > 0)); then
+        gres="Gres=gpu:$gpus" gres_types="GresTypes=gpu"
+        printf 'AutoDetect=off\nNodeName=%s Name=gpu File=%s/gpu[0-%d]\n' "$host" "$dir" $((gpus - 1)) >"$dir/gres.conf"
+        # character devices like /dev/null; plain files where mknod is not allowed (slurmd logs an error, works)
+        for ((gpu = 0; gpu < gpus; gpu++)); do
+            [[ -e $dir/gpu$gpu ]] || mknod "$dir/gpu$gpu" c 1 3 2>/dev/null || touch "$dir/gpu$gpu"
+        done
+    fi
     cat >"$conf" <<EOF
 ClusterName=dino$(printf '%s' "$dir" | cksum | cut -c1-6)
 SlurmctldHost=$host(127.0.0.1)
@@ -59,7 +67,7 @@ TaskPlugin=task/none
 MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
-GresTypes=gpu
+$gres_types
 SlurmdParameters=config_overrides
 ReturnToService=2
 EnforcePartLimits=ALL
@@ -71,13 +79,9 @@ KillWait=5
 MinJobAge=600
 SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=2
-NodeName=$host NodeAddr=127.0.0.1 CPUs=${SLURM_CPUS:-8} RealMemory=16000 Gres=gpu:2 State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=${SLURM_CPUS:-8} RealMemory=16000 $gres State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=60 State=UP
 PartitionName=acct Nodes=$host AllowAccounts=dino MaxTime=60 State=UP
-EOF
-    cat >"$dir/gres.conf" <<EOF
-AutoDetect=off
-NodeName=$host Name=gpu File=$dir/gpu[0-1]
 EOF
 }
 
