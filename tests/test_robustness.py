@@ -178,7 +178,7 @@ def sigusr2_after_first_step(args: list[str]) -> subprocess.CompletedProcess:
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith(f"Epoch: [0/2]  [1/{ITERS_PER_EPOCH}]"):
+        if line.startswith(f"Epoch: [0/1]  [1/{ITERS_PER_EPOCH}]"):
             os.killpg(proc.pid, signal.SIGUSR2)
             break
     out, err = proc.communicate(timeout=300)
@@ -186,7 +186,7 @@ def sigusr2_after_first_step(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_sigusr2_mid_epoch_with_workers_saves_and_resumes_to_the_same_teacher(seco_root, tmp_path):
-    workers = ("--num_workers", "2")
+    workers = ("--num_workers", "2", "--epochs", "1")
     straight, preempted = tmp_path / "straight", tmp_path / "preempted"
     proc = run_script(["main_dino_mc.py", *tiny_args(seco_root, straight, *workers)])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -194,7 +194,7 @@ def test_sigusr2_mid_epoch_with_workers_saves_and_resumes_to_the_same_teacher(se
     proc = sigusr2_after_first_step(tiny_args(seco_root, preempted, *workers))
     assert proc.returncode == main_dino_mc.PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
     ckpt = torch.load(preempted / "checkpoint.pth")
-    assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] < ITERS_PER_EPOCH  # mid-epoch, not the last epoch end
+    assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] < ITERS_PER_EPOCH  # mid-epoch, not the epoch's end
     message = f"preempted at epoch 0, iteration {ckpt['iteration']}: checkpoint saved; run the same command to resume"
     assert message in proc.stdout
     assert not (preempted / "log.txt").exists()  # no epoch finished
@@ -213,18 +213,40 @@ def test_checkpoint_every_iters_saves_mid_epoch(seco_root, tmp_path, monkeypatch
     original = utils.save_on_master
 
     def record(obj, path):
-        saved.append((Path(path).name, obj["epoch"], obj["iteration"], sorted(obj["meters"])))
+        saved.append((Path(path).name, obj["epoch"], obj["iteration"], "loss" in obj["meters"]))
         original(obj, path)
 
     monkeypatch.setattr(utils, "save_on_master", record)
-    main_dino_mc.run(tiny_args(seco_root, tmp_path, "--checkpoint_every_iters", "3"))
-    # global iterations 3 and 6 are mid-epoch (epoch 0 it. 3, epoch 1 it. 2); the epoch ends save too
-    assert saved == [
-        ("checkpoint.pth", 0, 3, ["loss", "lr", "wd"]),
-        ("checkpoint.pth", 1, 0, []),
-        ("checkpoint.pth", 1, 2, ["loss", "lr", "wd"]),
-        ("checkpoint.pth", 2, 0, []),
-    ]
+    main_dino_mc.run(tiny_args(seco_root, tmp_path, "--checkpoint_every_iters", "2", "--epochs", "1"))
+    # after iterations 2 and 4 of 4: the second is the epoch's end, saved once, as the next epoch's start
+    assert saved == [("checkpoint.pth", 0, 2, True), ("checkpoint.pth", 1, 0, False)]  # with the running means
+
+
+def test_preemption_hands_the_signal_to_the_previous_handler(seco_root, tmp_path, monkeypatch):
+    """Under submitit the task's SIGUSR2 handler checkpoints and requeues the job: it is called, after the
+    mid-epoch checkpoint is written, with the signal, and put back in place."""
+    seen = []
+
+    def requeue(signum, frame):
+        seen.append((signum, torch.load(tmp_path / "checkpoint.pth")["iteration"]))
+
+    original, calls = main_dino_mc.DINOLoss.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # during the second step
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(main_dino_mc.DINOLoss, "forward", forward)
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main_dino_mc.run(tiny_args(seco_root, tmp_path, "--epochs", "1"))
+    finally:
+        restored = signal.signal(signal.SIGUSR2, previous)
+    assert exc.value.code == main_dino_mc.PREEMPTED_EXIT_CODE
+    assert seen == [(signal.SIGUSR2, 2)] and restored is requeue
 
 
 def test_checkpoint_every_iters_must_not_be_negative(seco_root, tmp_path, capsys):
@@ -234,11 +256,11 @@ def test_checkpoint_every_iters_must_not_be_negative(seco_root, tmp_path, capsys
 
 
 def test_signal_to_one_rank_stops_both_at_the_same_iteration(seco_root, tmp_path):
-    """SIGUSR2 to rank 1 only: both ranks agree to stop after the same step, rank 0 saves, both exit 3."""
+    """SIGTERM to rank 1 only: both ranks agree to stop after the same step, rank 0 saves, both exit 3."""
     procs = start_ranks(["main_dino_mc.py", *tiny_args(seco_root, tmp_path, "--batch_size_per_gpu", "1")])
     for line in procs[0].stdout:  # rank 0 logs (rank 1 prints nothing)
         if line.startswith(f"Epoch: [0/2]  [1/{ITERS_PER_EPOCH}]"):
-            procs[1].send_signal(signal.SIGUSR2)
+            procs[1].send_signal(signal.SIGTERM)
             break
     results = finish(procs)
     assert [code for code, _, _ in results] == [main_dino_mc.PREEMPTED_EXIT_CODE] * 2, results[0][2][-2000:]
