@@ -463,7 +463,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"Loss, optimizer and schedulers ready (precision {precision}).")
 
     # ============ resume ============
-    to_restore = {"epoch": 0, "iteration": 0, "meters": {}, "rng_state": None}
+    to_restore = {"epoch": 0, "iteration": 0, "meters": {}, "rng_state": None, "args": {}}
     utils.restart_from_checkpoint(
         output_dir / "checkpoint.pth",
         run_variables=to_restore,
@@ -473,7 +473,7 @@ def main(args: argparse.Namespace) -> None:
         fp16_scaler=fp16_scaler,
         dino_loss=dino_loss,
     )
-    start_epoch, start_iteration = to_restore["epoch"], to_restore["iteration"]
+    start_epoch, start_iteration = to_restore["epoch"], resume_iteration(to_restore, args, niter)
     if utils.is_main_process():
         utils.trim_json_log(output_dir / "log.txt", start_epoch)
     tensorboard = utils.TensorBoardLog(output_dir, args.tensorboard, start_epoch)
@@ -550,6 +550,21 @@ def gather_rng_states() -> list[dict]:
     states: list = [None] * dist.get_world_size()
     dist.all_gather_object(states, state)
     return states
+
+
+def resume_iteration(checkpoint: dict, args: argparse.Namespace, niter: int) -> int:
+    """The iteration of its epoch a (mid-epoch) checkpoint resumes at. Saved with another total batch (world
+    size x --batch_size_per_gpu), it resumes after as many samples of the epoch's global order (which does
+    not depend on the world size), rounded down: none is skipped, a few may be seen twice."""
+    iteration = checkpoint["iteration"]
+    saved = checkpoint["args"]
+    saved_batch = saved.get("world_size", args.world_size) * saved.get("batch_size_per_gpu", args.batch_size_per_gpu)
+    batch = args.world_size * args.batch_size_per_gpu
+    if iteration and saved_batch != batch:
+        converted = min(iteration * saved_batch // batch, niter)
+        print(f"Checkpoint at iteration {iteration} of batches of {saved_batch}: resuming at {converted} of {batch}.")
+        return converted
+    return iteration
 
 
 def restore_rng_state(states: list[dict], seed: int, epoch: int) -> None:

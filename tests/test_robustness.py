@@ -470,3 +470,16 @@ def test_packed_pass_builds_its_sample_index_once_and_copies_nothing_from_the_ho
     monkeypatch.setattr(torch, "as_tensor", from_host)
     out = model.forward_packed(crops)
     assert out.shape == (5, model.embed_dim) and len(calls) == 1
+
+
+def test_resume_iteration_with_another_total_batch():
+    args = main_dino_mc.get_args_parser().parse_args(["--batch_size_per_gpu", "4"])
+    args.world_size = 2
+    same = {"iteration": 3, "args": {"world_size": 2, "batch_size_per_gpu": 4}}
+    assert main_dino_mc.resume_iteration(same, args, niter=10) == 3
+    assert main_dino_mc.resume_iteration({"iteration": 3, "args": {}}, args, niter=10) == 3  # args unknown
+    # 3 batches of 4 x 1 process = 12 samples: one batch of 8 done, the next starts at the 9th sample
+    one_process = {"iteration": 3, "args": {"world_size": 1, "batch_size_per_gpu": 4}}
+    assert main_dino_mc.resume_iteration(one_process, args, niter=10) == 1
+    many = {"iteration": 9, "args": {"world_size": 8, "batch_size_per_gpu": 4}}
+    assert main_dino_mc.resume_iteration(many, args, niter=10) == 10  # never past the epoch's end
