@@ -25,11 +25,15 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import eval_knn
+import health
+import plot_log
 import utils
 import vision_transformer as vits
+from datasets import eurosat
 from datasets.bands import parse_bands
 from datasets.seco import SeCoDataset
-from datasets.transforms import MultiCropAugmentation
+from datasets.transforms import MultiCropAugmentation, eval_transform
 
 # Per-mode defaults of the crop flags (None on the command line = take these). mc/tp are the published
 # DINO-MC defaults; dino is DINO's own multi-crop.
@@ -184,6 +188,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per process.")
     parser.add_argument("--print_freq", default=10, type=int, help="Log a line every this many iterations.")
+
+    # Online k-NN of the teacher (not in DINO): the same protocol as eval_knn.py, during training
+    parser.add_argument(
+        "--knn_data_path",
+        default=None,
+        type=str,
+        help="A labelled EuroSAT-layout folder: evaluate the teacher by k-NN on it (train vs val split) every "
+        "--knn_every epochs and log the top-1 in log.txt.",
+    )
+    parser.add_argument("--knn_every", default=1, type=int, help="Epochs between two online k-NN evaluations.")
+    parser.add_argument("--knn_nb", default=[10, 20], type=int, nargs="+", help="k values of the online k-NN.")
     utils.add_distributed_args(parser)
     return parser
 
@@ -223,6 +238,10 @@ def _check_args(args: argparse.Namespace) -> None:
     utils.check_arch(args.arch, args.patch_size)  # fails early on an unknown --arch or ViT --patch_size
     if args.batch_size_per_gpu < 1 or args.epochs < 1:
         raise ValueError("--batch_size_per_gpu and --epochs must be positive")
+    if args.knn_data_path is not None and not Path(args.knn_data_path).is_dir():
+        raise ValueError(f"--knn_data_path {args.knn_data_path} is not a folder (expected a EuroSAT-layout root)")
+    if args.knn_every < 1:
+        raise ValueError(f"--knn_every must be >= 1, got {args.knn_every}")
     if args.checkpoint_every_iters < 0:
         raise ValueError(f"--checkpoint_every_iters must be >= 0 (0 = off), got {args.checkpoint_every_iters}")
     resolve_crop_args(args)
@@ -265,8 +284,8 @@ class DINOLoss(nn.Module):
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
         student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1).chunk(self.ncrops)
         temp = self.teacher_temp_schedule[epoch]
-        teacher_out = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
-        teacher_out = teacher_out.chunk(self.teacher_crops_number)
+        self.teacher_probs = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
+        teacher_out = self.teacher_probs.chunk(self.teacher_crops_number)  # kept for the health metrics
 
         # sum over v != i of mean_b(-q_i . logp_v) == mean_b(-q_i . (sum_v logp_v - logp_i)): one product per
         # teacher crop instead of one per (teacher, student) pair, over (B, out_dim) = (B, 65536) matrices.
@@ -436,6 +455,7 @@ def main(args: argparse.Namespace) -> None:
 
     # ============ data, models, loss, optimizer, schedules ============
     dataset, data_loader = build_data(args)
+    knn_sets = build_knn_sets(args) if args.knn_data_path else None
     student, teacher, teacher_without_ddp = build_models(args)
     student_without_ddp = student.module if args.distributed else student
     ncrops = args.global_crops_number + args.local_crops_number
@@ -526,10 +546,18 @@ def main(args: argparse.Namespace) -> None:
                 watch=watch,
                 save=save,
             )
-            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+            warning = health.collapse_warning(train_stats, args.out_dim, epoch)
+            if warning:
+                print(warning, flush=True)
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch, "out_dim": args.out_dim}
+            if knn_sets is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+                log_stats.update(online_knn(teacher_without_ddp, knn_sets, args))
             if utils.is_main_process():  # the log line first: a kill before the checkpoint leaves a line to trim
                 utils.append_json_log(output_dir / "log.txt", log_stats)
                 tensorboard.write(log_stats, epoch)
+                plot_log.plot_logs(
+                    [plot_log.read_log(output_dir / "log.txt")], [""], output_dir / "training_curves.png"
+                )
             save_dict = save(epoch + 1, 0, {})
             if args.saveckp_freq and epoch % args.saveckp_freq == 0:
                 utils.save_on_master(save_dict, output_dir / f"checkpoint{epoch:04d}.pth")
@@ -540,6 +568,54 @@ def main(args: argparse.Namespace) -> None:
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")
     tensorboard.close()
+
+
+def build_knn_sets(args: argparse.Namespace) -> tuple[eurosat.EuroSAT, eurosat.EuroSAT]:
+    """The online k-NN's memory bank (train split) and evaluated split (val) of --knn_data_path, at the
+    training resolution: Resize(global size * 256 / 224) + CenterCrop(global size), eval_knn.py's transform."""
+    bands = parse_bands(args.bands)
+    try:
+        train_set = eurosat.EuroSAT(args.knn_data_path, "train", bands, seed=args.seed)
+        test_set = eurosat.EuroSAT(args.knn_data_path, "val", bands, seed=args.seed)
+    except ValueError as err:
+        raise utils.ConfigError(f"--knn_data_path: {err}") from None
+    normalize = (lambda image: eurosat.normalize(image, bands)) if train_set.multispectral else None
+    resize = round(args.global_crops_size * 256 / 224)
+    train_set.transform = test_set.transform = eval_transform(bands, resize, args.global_crops_size, normalize)
+    too_large = [k for k in args.knn_nb if k > len(train_set)]
+    if too_large:
+        raise utils.ConfigError(f"--knn_nb {too_large[0]} is larger than the {len(train_set)} k-NN train images")
+    print(f"Online k-NN on {args.knn_data_path}: {len(train_set)} train / {len(test_set)} val images.")
+    return train_set, test_set
+
+
+def online_knn(teacher: utils.MultiCropWrapper, knn_sets: tuple, args: argparse.Namespace) -> dict[str, float]:
+    """Top-1 (%) of eval_knn.py's weighted k-NN on the teacher's backbone, for every k of --knn_nb: the same
+    feature extraction and classifier (temperature 0.07), so it equals eval_knn.py run on the checkpoint."""
+    backbone = teacher.backbone
+    was_training = backbone.training
+    backbone.eval()
+    options = argparse.Namespace(
+        batch_size_per_gpu=max(args.batch_size_per_gpu, 32),
+        num_workers=0,
+        device=args.device,
+        print_freq=args.print_freq,
+        distributed=utils.is_dist_avail_and_initialized(),
+    )
+    features = [eval_knn.extract_features(backbone, teacher.head.in_dim, d, options, "Online k-NN:") for d in knn_sets]
+    labels = [torch.tensor(d.targets, dtype=torch.long, device=args.device) for d in knn_sets]
+    backbone.train(was_training)
+    accuracies = eval_knn.knn_classifier(
+        features[0],
+        labels[0],
+        features[1],
+        labels[1],
+        args.knn_nb,
+        eval_knn.DEFAULT_TEMPERATURE,
+        len(knn_sets[0].classes),
+    )
+    print("Online k-NN top-1: " + ", ".join(f"k={k} {top1:.2f}" for k, (top1, _) in accuracies.items()))
+    return {f"knn_top1_k{k}": top1 for k, (top1, _) in accuracies.items()}
 
 
 def gather_rng_states() -> list[dict]:
@@ -606,9 +682,11 @@ class PreemptionWatch:
         self.previous = {}
 
 
-def agree_on_step(loss: torch.Tensor, watch: PreemptionWatch) -> tuple[float, int]:
-    """The mean loss over ranks and on how many ranks it is not finite; sets ``watch.agreed`` to the
-    preemption signals any rank received.
+def agree_on_step(
+    loss: torch.Tensor, watch: PreemptionWatch, signals: torch.Tensor | None = None
+) -> tuple[float, int, list[float]]:
+    """The mean loss over ranks, on how many ranks it is not finite, and the mean over ranks of ``signals``
+    (the health metrics); sets ``watch.agreed`` to the preemption signals any rank received.
 
     One all-reduce of a few numbers built on the loss's device (no host-to-device copy) and one read back,
     the step's only synchronisation, as ``loss.item()`` was: every rank then takes the same decision (stop
@@ -622,11 +700,16 @@ def agree_on_step(loss: torch.Tensor, watch: PreemptionWatch) -> tuple[float, in
     for k, signum in enumerate(PREEMPTION_SIGNALS):
         if signum in watch.received:
             status[2 + k] = 1.0
+    if signals is not None:
+        status = torch.cat([status, signals.float()])
     if utils.is_dist_avail_and_initialized():
         dist.all_reduce(status)
-    total, not_finite, *signalled = status.tolist()
+    values = status.tolist()
+    total, not_finite = values[0], values[1]
+    signalled = values[2 : 2 + len(PREEMPTION_SIGNALS)]
+    world = utils.get_world_size()
     watch.agreed = {signum for signum, count in zip(PREEMPTION_SIGNALS, signalled) if count > 0}
-    return total / utils.get_world_size(), int(not_finite)
+    return total / world, int(not_finite), [v / world for v in values[2 + len(PREEMPTION_SIGNALS) :]]
 
 
 def stop_after_preemption(watch: PreemptionWatch, epoch: int, iteration: int) -> None:
@@ -669,6 +752,9 @@ def train_one_epoch(
     """One epoch from ``first_iteration`` on (a resumed preempted run), the running averages continued from
     ``meters``; mid-epoch ``save`` every --checkpoint_every_iters iterations and on a preemption."""
     metric_logger = utils.MetricLogger(delimiter="  ")
+    for name in health.STEP_METRICS:  # averaged over each --print_freq window in the console line
+        metric_logger.add_meter(name, utils.SmoothedValue(window_size=args.print_freq, fmt="{avg:.3f}"))
+    usage = health.PrototypeUsage(args.out_dim, args.device)
     for name, (total, count) in meters.items():
         metric_logger.meters[name].total, metric_logger.meters[name].count = total, count
     header = f"Epoch: [{epoch}/{args.epochs}]"
@@ -684,11 +770,14 @@ def train_one_epoch(
 
         images = [im.to(args.device, non_blocking=True) for im in images]
         with utils.autocast(precision, args.device):
-            teacher_output = teacher(images[: args.global_crops_number])  # only global views go to the teacher
+            # only the global views go to the teacher; its backbone features feed the health metrics
+            teacher_output, teacher_features = teacher(images[: args.global_crops_number], return_features=True)
             student_output = student(images)
             loss = dino_loss(student_output, teacher_output, epoch)
+        signals = health.step_metrics(dino_loss.teacher_probs, loss, teacher_features, args.global_crops_number)
+        usage.update(dino_loss.teacher_probs)
 
-        loss_value, not_finite = agree_on_step(loss, watch)
+        loss_value, not_finite, signal_values = agree_on_step(loss, watch, signals)
         if not_finite:
             print(
                 f"Loss is {loss_value} at epoch {epoch}, iteration {it} (not finite on {not_finite} of "
@@ -716,8 +805,10 @@ def train_one_epoch(
             torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum_schedule[it])
 
         metric_logger.update(loss=loss_value)
+        metric_logger.update(**dict(zip(health.STEP_METRICS, signal_values)))
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
+        metric_logger.update(momentum=float(momentum_schedule[it]))
 
         done = epoch_it + 1  # iterations of this epoch trained; the last one is saved by the caller
         every = args.checkpoint_every_iters
@@ -728,7 +819,9 @@ def train_one_epoch(
                 stop_after_preemption(watch, epoch, done)
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats["prototypes_used"] = usage.count()  # of the iterations this process ran (after a resume: since then)
+    return stats
 
 
 def run(argv: list[str] | None = None) -> None:

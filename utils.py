@@ -444,7 +444,11 @@ class MultiCropWrapper(nn.Module):
         self.head = head
         self.pack_crops = pack_crops
 
-    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | list[torch.Tensor], return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Head outputs of all crops in crop order; with ``return_features`` also the backbone features they
+        came from (the health metrics read the teacher's without a second pass)."""
         if not isinstance(x, (list, tuple)):
             x = [x]
         groups = []
@@ -456,12 +460,12 @@ class MultiCropWrapper(nn.Module):
             groups.append(torch.cat(x[start:end]) if end - start > 1 else x[start])
             start = end
         if self.pack_crops and len(groups) > 1 and is_vit(self.backbone):
-            return self.head(self.backbone.forward_packed(groups))
-        features = []
-        for group in groups:
-            out = self.backbone(group)
-            features.append(out[0] if isinstance(out, tuple) else out)
-        return self.head(torch.cat(features))
+            features = self.backbone.forward_packed(groups)
+        else:
+            outs = [self.backbone(group) for group in groups]
+            features = torch.cat([out[0] if isinstance(out, tuple) else out for out in outs])
+        output = self.head(features)
+        return (output, features) if return_features else output
 
 
 def has_batchnorms(model: nn.Module) -> bool:

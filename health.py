@@ -1,0 +1,125 @@
+"""Health of a DINO pretraining run: is the teacher learning, or collapsing?
+
+A collapsing DINO run looks like a working one in its loss alone. DINO avoids collapse with two opposite
+forces on the teacher's output: centring (pushes towards the uniform distribution) and sharpening (a low
+teacher temperature, pushes towards one prototype). When one wins, the run collapses (DINO paper, section 5.3
+and Fig. 7), and these signals say which way:
+
+- ``teacher_entropy``: entropy of the centred, sharpened teacher distribution of each image, mean over the
+  batch. Uniform collapse drives it to ln(out_dim); one-prototype collapse to 0; a healthy teacher is sharp
+  per image (well below ln(out_dim)).
+- ``teacher_batch_entropy``: entropy of the batch mean of those distributions. Uniform collapse drives it to
+  ln(out_dim) too; one-prototype collapse to 0; a healthy teacher spreads its images over many prototypes
+  (high).
+- ``teacher_student_kl``: KL(teacher || student) averaged over the loss's (teacher crop, student crop) pairs,
+  the DINO paper's Fig. 7 pair with the entropy: it is the loss minus the teacher's entropy (cross-entropy =
+  entropy + KL), so it costs nothing. Near 0 with a flat teacher means the student just copies a constant.
+- ``feature_std``: standard deviation across the batch of the L2-normalised teacher backbone features, per
+  dimension, averaged over dimensions and multiplied by sqrt(dim), so that features spread evenly over the
+  sphere give about 1 and all images mapped to one point give 0.
+- ``prototypes_used``: how many prototypes are the argmax of at least one teacher output in the epoch.
+
+Everything is computed without gradients on tensors the step already has (the loss's teacher
+probabilities, the teacher's backbone features): no extra forward pass, and no host-device synchronisation
+(the values travel with the loss's single read-back, see ``main_dino_mc.agree_on_step``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+STEP_METRICS = ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl", "feature_std")
+
+# Collapse regimes, on the epoch means, as fractions of ln(out_dim) (the entropy of the uniform distribution)
+# and of the spread of evenly spread features. Why these values: a teacher whose every image distribution has
+# 90 % of the maximal entropy is as flat as a random guess over most prototypes (uniform collapse; DINO's
+# healthy runs sit far below, its Fig. 7 collapse curves at the maximum); a batch mean with under 10 % of it
+# puts nearly all the mass on a handful of prototypes for every image (one-prototype collapse); features whose
+# spread is under 5 % of an even spread on the sphere have nearly merged into one point.
+UNIFORM_ENTROPY_FRACTION = 0.9
+ONE_PROTOTYPE_ENTROPY_FRACTION = 0.1
+MIN_FEATURE_SPREAD = 0.05
+
+ADVICE = {
+    "uniform": "a lower --teacher_temp (or a shorter --warmup_teacher_temp_epochs) sharpens the teacher; also "
+    "a higher --momentum_teacher, a lower --lr or a larger batch, --norm_last_layer true",
+    "one-prototype": "a higher --teacher_temp, a higher --momentum_teacher, a lower --lr or a larger batch, "
+    "--norm_last_layer true, and --precision fp32 (DINO's --use_fp16 false) if fp16 is on",
+    "features": "a lower --lr or a larger batch, a higher --momentum_teacher, --norm_last_layer true, "
+    "and --precision fp32 (DINO's --use_fp16 false) if fp16 is on",
+}
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row of a (N, K) probability matrix; 0 log 0 is taken as 0."""
+    return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(dim=-1)
+
+
+@torch.no_grad()
+def step_metrics(
+    teacher_probs: torch.Tensor, loss: torch.Tensor, teacher_features: torch.Tensor, n_crops: int
+) -> torch.Tensor:
+    """The per-step signals (:data:`STEP_METRICS` order) as one tensor on the step's device.
+
+    ``teacher_probs``: (n_crops * B, K) centred, sharpened teacher distributions, the loss's targets, crop by
+    crop; ``loss``: the DINO loss of the step; ``teacher_features``: (n_crops * B, D) teacher backbone features
+    of the same crops. The batch entropy is taken per teacher crop (a batch of B images) and averaged, so it
+    does not depend on how many teacher crops the mode has.
+    """
+    per_image = entropy(teacher_probs).mean()
+    batch_entropy = entropy(teacher_probs.view(n_crops, -1, teacher_probs.shape[-1]).mean(dim=1)).mean()
+    features = F.normalize(teacher_features.float(), dim=-1)
+    spread = features.std(dim=0, correction=0).mean() * math.sqrt(features.shape[-1])
+    return torch.stack([per_image, batch_entropy, loss.detach().float() - per_image, spread])
+
+
+class PrototypeUsage:
+    """Which prototypes were the argmax of at least one teacher output, over an epoch (all processes)."""
+
+    def __init__(self, out_dim: int, device: torch.device | str):
+        self.used = torch.zeros(out_dim, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def update(self, teacher_probs: torch.Tensor) -> None:
+        self.used[teacher_probs.argmax(dim=-1)] = True
+
+    def count(self) -> int:
+        used = self.used.to(torch.uint8)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(used, op=dist.ReduceOp.MAX)
+        return int(used.sum())
+
+
+def collapse_regime(stats: dict[str, float], out_dim: int) -> str | None:
+    """The collapse regime the epoch's mean signals are in ("uniform", "one-prototype", "features"), or None."""
+    max_entropy = math.log(out_dim)
+    if stats["teacher_entropy"] >= UNIFORM_ENTROPY_FRACTION * max_entropy:
+        return "uniform"
+    if stats["teacher_batch_entropy"] <= ONE_PROTOTYPE_ENTROPY_FRACTION * max_entropy or stats["prototypes_used"] <= 1:
+        return "one-prototype"
+    if stats["feature_std"] <= MIN_FEATURE_SPREAD:
+        return "features"
+    return None
+
+
+def collapse_warning(stats: dict[str, float], out_dim: int, epoch: int) -> str | None:
+    """One warning line for an epoch whose signals are in a collapse regime (None for a healthy epoch)."""
+    regime = collapse_regime(stats, out_dim)
+    if regime is None:
+        return None
+    max_entropy = math.log(out_dim)
+    what = {
+        "uniform": "the teacher gives every image an almost flat distribution over the prototypes",
+        "one-prototype": "the teacher gives every image the same few prototypes",
+        "features": "the backbone maps all images to nearly one point",
+    }[regime]
+    return (
+        f"warning: epoch {epoch}: {regime} collapse: {what} (teacher entropy {stats['teacher_entropy']:.2f}, "
+        f"batch entropy {stats['teacher_batch_entropy']:.2f}, ln(out_dim) {max_entropy:.2f}, feature spread "
+        f"{stats['feature_std']:.3f}, {int(stats['prototypes_used'])} of {out_dim} prototypes used). What usually "
+        f"helps: {ADVICE[regime]}. Training goes on."
+    )
