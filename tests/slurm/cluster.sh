@@ -104,7 +104,7 @@ up() {
     local state=""
     for _ in $(seq "$wait_s"); do
         state=$(sinfo --noheader --partition debug --format %T 2>/dev/null || true)
-        [[ $state == idle* ]] && { echo "export SLURM_CONF=$conf"; return 0; }
+        [[ $state == idle ]] && { echo "export SLURM_CONF=$conf"; return 0; }
         sleep 1
     done
     tail -n 20 "$dir/log/slurmctld.log" "$dir/log/slurmd.log" >&2 2>/dev/null
