@@ -273,9 +273,10 @@ def test_job_past_max_timeouts_stops_with_one_line(timeout_job):
 
 
 def test_job_past_max_requeues_stops_instead_of_looping(submit, seco_root, tmp_path):
-    """A preempted job with --max_requeues 0 is not requeued: one line, and the job fails."""
+    """A preempted 2-task job with --max_requeues 0 is not requeued: one line from rank 0, and the job fails
+    (srun ends rank 1 too)."""
     out = tmp_path / "run"
-    argv = [*SLURM, "--max_requeues", "0", "--ngpus", "0", *PRETRAIN, "--epochs", "100000"]
+    argv = [*SLURM, "--max_requeues", "0", "--ngpus", "0", "--tasks_per_node", "2", *PRETRAIN, "--epochs", "100000"]
     job_id = submit(argv + data(seco_root, out))
     preempt_once_trained(job_id, out)
     job = wait_for_end(job_id, out)
