@@ -182,7 +182,9 @@ def torchrun_reference(seco_root, tmp_path_factory) -> Path:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["main_dino_mc.py", *PRETRAIN, "--epochs", str(EPOCHS), "--data_path", str(seco_root)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*command, "--output_dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [*command, "--output_dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_WAIT_S
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out / "checkpoint.pth"
 
@@ -210,7 +212,10 @@ def preempt_once_trained(job_id: str, out: Path) -> None:
         return (out / "checkpoint.pth").exists() or scontrol_job(job_id)["JobState"] in FINAL_STATES
 
     wait_until(trained, f"job {job_id}'s first checkpoint")
-    assert scontrol_job(job_id)["JobState"] == "RUNNING", task_log(out, job_id, stream="err")[-3000:]
+    state = scontrol_job(job_id)["JobState"]
+    assert state == "RUNNING", (
+        f"job {job_id} was {state} before it could be preempted: " + task_log(out, job_id, stream="err")[-3000:]
+    )
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
 
 
