@@ -549,7 +549,8 @@ def main(args: argparse.Namespace) -> None:
             warning = health.collapse_warning(train_stats, args.out_dim, epoch)
             if warning:
                 print(warning, flush=True)
-            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch, "out_dim": args.out_dim}
+            log_stats = {f"train_{k}": v for k, v in train_stats.items()}
+            log_stats.update(epoch=epoch, step=(epoch + 1) * niter, out_dim=args.out_dim)  # steps trained so far
             if knn_sets is not None and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
                 log_stats.update(online_knn(teacher_without_ddp, knn_sets, args))
             if utils.is_main_process():  # the log line first: a kill before the checkpoint leaves a line to trim

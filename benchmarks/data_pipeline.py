@@ -21,6 +21,7 @@ distort them; on a free core CPU time and wall time of a one-thread worker are t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -222,13 +223,15 @@ def main(args: argparse.Namespace) -> None:
         raise utils.ConfigError("--samples and --n_locations must be >= 1 and --warmup >= 0")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.data_path is None:
-            root = write_seco_demo(Path(tmp) / "seco", n_locations=args.n_locations, n_acquisitions=3, seed=args.seed)
-        else:
-            root = Path(args.data_path)
+        with contextlib.redirect_stdout(sys.stderr):  # progress lines: the JSON lines are alone on stdout
+            if args.data_path is None:
+                root = write_seco_demo(Path(tmp) / "seco", args.n_locations, n_acquisitions=3, seed=args.seed)
+            else:
+                root = Path(args.data_path)
         for bands in args.bands:
             timed_locations = args.samples + args.warmup
-            pack = pack_first_locations(root, parse_bands(bands), timed_locations, Path(tmp) / f"pack_{bands}")
+            with contextlib.redirect_stdout(sys.stderr):
+                pack = pack_first_locations(root, parse_bands(bands), timed_locations, Path(tmp) / f"pack_{bands}")
             for mode in args.modes:
                 print(json.dumps(measure(root, pack, mode, bands, args)), flush=True)
 

@@ -264,11 +264,16 @@ def run_steps(args: argparse.Namespace) -> dict:
         schedules = [np.full(n * train_args.epochs, v) for v in (lr, wd, momentum)]
         ema_pairs = (list(teacher_without_ddp.parameters()), list(student.parameters()))
         fp16_scaler = utils.make_grad_scaler(precision, device)
+        watch = main_dino_mc.PreemptionWatch()
         with contextlib.redirect_stdout(sys.stderr):
-            main_dino_mc.train_one_epoch(
-                student, teacher, ema_pairs, dino_loss, batches, optimizer, *schedules,
-                epoch, fp16_scaler, precision, train_args,
-            )  # fmt: skip
+            try:
+                main_dino_mc.train_one_epoch(
+                    student, teacher, ema_pairs, dino_loss, batches, optimizer, *schedules,
+                    epoch, fp16_scaler, precision, train_args,
+                    first_iteration=0, meters={}, watch=watch, save=lambda *_: {},
+                )  # fmt: skip
+            finally:
+                watch.restore()
 
     step_ms = np.diff(batches.stamps)[args.warmup :] * 1000.0
     cpu_ms = np.diff(batches.cpu_stamps)[args.warmup :] * 1000.0

@@ -390,7 +390,8 @@ def test_kill_at_log_and_checkpoint_writes_keeps_them_and_resumes(seco_root, tmp
     main_dino_mc.run(tiny_args(seco_root, tmp_path))
     assert torch.load(tmp_path / "checkpoint.pth")["epoch"] == 2
     assert [e["epoch"] for e in read_log(tmp_path)] == [0, 1]  # the orphan line trimmed, the epoch redone
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "log.txt"]  # killed temporaries gone
+    expected = ["checkpoint.pth", "log.txt", "training_curves.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected  # killed temporaries gone
 
 
 TOY_FIT = """
