@@ -282,7 +282,9 @@ def write_seco_demo(
         tile = f"T{zone}{'CDEFGHJKLMNPQRSTUVWX'[int(rng.integers(0, 20))]}{''.join(rng.choice(list('ABCDEFGHJK'), 2))}"
         crs = f"EPSG:{32600 + zone}"
         left, top = float(rng.uniform(200_000, 800_000)), float(rng.uniform(1_000_000, 6_000_000))
-        scene = Scene("mixed", size, rng)
+        # Land cover varies from location to location, as in SeCo's sampling around cities and their surroundings:
+        # mixed countryside or one dominant cover (the same kinds the EuroSAT demo's classes are drawn from).
+        scene = Scene(SCENE_TYPES[int(rng.integers(len(SCENE_TYPES)))], size, rng)
         for when in acquisition_days(rng, n_acquisitions):
             product = when + dt.timedelta(seconds=int(rng.integers(5, 20)))
             acq_id = f"{when:%Y%m%dT%H%M%S}_{product:%Y%m%dT%H%M%S}_{tile}"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import data_pipeline, matmul_rate, train_step
+import utils
+from benchmarks import data_pipeline, health_overhead, learning_curve, matmul_rate, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STEP = ["--arch", "vit_tiny", "--patch_size", "16", "--batch_size_per_gpu", "2", "--out_dim", "256"]
@@ -162,3 +163,18 @@ def test_gpu_report_script_measures_vit_small_16_and_8(tmp_path):
     for result in results:
         assert result["peak_gpu_mem_mb"] > 0 and result["gpu"] and result["achieved_tflops"] > 0
         assert (result["mfu"] is None) == (result["peak_tflops"] is None)
+
+
+def test_health_overhead_reports_the_step_shapes(capsys):
+    args = health_overhead.get_args_parser().parse_args(["--out_dim", "1024", "--embed_dim", "32", "--repeats", "2"])
+    result = health_overhead.main(args)
+    assert json_lines(capsys) == [result]
+    assert result["rows"] == 16 and result["out_dim"] == 1024 and result["health_ms_median"] > 0
+
+
+def test_learning_curve_refuses_the_flags_it_sets_per_run():
+    args = learning_curve.get_args_parser().parse_args(["--", "--arch", "vit_tiny", "--seed", "3"])
+    with pytest.raises(utils.ConfigError, match="--seed is set by this script per run"):
+        learning_curve.pretrain_flags(args)
+    args = learning_curve.get_args_parser().parse_args(["--", "--arch", "vit_tiny", "--epochs", "2"])
+    assert learning_curve.pretrain_flags(args) == ["--arch", "vit_tiny", "--epochs", "2"]
