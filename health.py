@@ -54,27 +54,38 @@ ADVICE = {
 }
 
 
+ENTROPY_FLOOR = 1e-30  # probabilities below count as this; their share of an entropy is < K * 7e-29 nats
+
+
 def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each row of a (N, K) probability matrix; 0 log 0 is taken as 0."""
-    return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(dim=-1)
+    """Entropy (nats) of each row of a (N, K) probability matrix (0 log 0 = 0, to within the floor's share)."""
+    floored = probs.clamp_min(ENTROPY_FLOOR)
+    return -(floored * floored.log()).sum(dim=-1)
 
 
 @torch.no_grad()
 def step_metrics(
     teacher_probs: torch.Tensor, loss: torch.Tensor, teacher_features: torch.Tensor, n_crops: int
-) -> torch.Tensor:
-    """The per-step signals (:data:`STEP_METRICS` order) as one tensor on the step's device.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-step signals (:data:`STEP_METRICS` order) as one tensor on the step's device, and the prototype
+    each teacher output puts most mass on (for :class:`PrototypeUsage`).
 
     ``teacher_probs``: (n_crops * B, K) centred, sharpened teacher distributions, the loss's targets, crop by
     crop; ``loss``: the DINO loss of the step; ``teacher_features``: (n_crops * B, D) teacher backbone features
     of the same crops. The batch entropy is taken per teacher crop (a batch of B images) and averaged, so it
     does not depend on how many teacher crops the mode has.
+
+    Why one floored copy first: a sharpened teacher over 65536 prototypes holds many subnormal probabilities
+    (below 1.2e-38), on which a CPU computes several times slower; after one pass that raises them to
+    :data:`ENTROPY_FLOOR`, the entropies, the batch mean and the argmax all run on normal numbers.
     """
-    per_image = entropy(teacher_probs).mean()
-    batch_entropy = entropy(teacher_probs.view(n_crops, -1, teacher_probs.shape[-1]).mean(dim=1)).mean()
+    floored = teacher_probs.clamp_min(ENTROPY_FLOOR)
+    per_image = -(floored * floored.log()).sum(dim=-1).mean()
+    batch_entropy = entropy(floored.view(n_crops, -1, floored.shape[-1]).mean(dim=1)).mean()
     features = F.normalize(teacher_features.float(), dim=-1)
     spread = features.std(dim=0, correction=0).mean() * math.sqrt(features.shape[-1])
-    return torch.stack([per_image, batch_entropy, loss.detach().float() - per_image, spread])
+    signals = torch.stack([per_image, batch_entropy, loss.detach().float() - per_image, spread])
+    return signals, floored.argmax(dim=-1)
 
 
 class PrototypeUsage:
@@ -83,9 +94,9 @@ class PrototypeUsage:
     def __init__(self, out_dim: int, device: torch.device | str):
         self.used = torch.zeros(out_dim, dtype=torch.bool, device=device)
 
-    @torch.no_grad()
-    def update(self, teacher_probs: torch.Tensor) -> None:
-        self.used[teacher_probs.argmax(dim=-1)] = True
+    def update(self, winners: torch.Tensor) -> None:
+        """Mark the prototypes in ``winners`` (the argmax of each teacher output) as used."""
+        self.used[winners] = True
 
     def count(self) -> int:
         used = self.used.to(torch.uint8)

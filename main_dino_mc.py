@@ -775,8 +775,10 @@ def train_one_epoch(
             teacher_output, teacher_features = teacher(images[: args.global_crops_number], return_features=True)
             student_output = student(images)
             loss = dino_loss(student_output, teacher_output, epoch)
-        signals = health.step_metrics(dino_loss.teacher_probs, loss, teacher_features, args.global_crops_number)
-        usage.update(dino_loss.teacher_probs)
+        signals, winners = health.step_metrics(
+            dino_loss.teacher_probs, loss, teacher_features, args.global_crops_number
+        )
+        usage.update(winners)
 
         loss_value, not_finite, signal_values = agree_on_step(loss, watch, signals)
         if not_finite:

@@ -47,8 +47,8 @@ def main(args: argparse.Namespace) -> dict:
     times = []
     for _ in range(args.repeats + 3):
         start = time.perf_counter()
-        health.step_metrics(probs, loss, features, args.global_crops_number)
-        usage.update(probs)
+        _, winners = health.step_metrics(probs, loss, features, args.global_crops_number)
+        usage.update(winners)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

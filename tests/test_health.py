@@ -12,6 +12,10 @@ import health
 K = 8
 
 
+def signals(*args, **kwargs) -> torch.Tensor:
+    return health.step_metrics(*args, **kwargs)[0]
+
+
 def test_entropies_of_uniform_one_hot_and_mixed_distributions():
     uniform = torch.full((4, K), 1.0 / K)
     one_hot = torch.nn.functional.one_hot(torch.tensor([3, 3, 3, 3]), K).float()
@@ -19,15 +23,15 @@ def test_entropies_of_uniform_one_hot_and_mixed_distributions():
     features = torch.randn(4, 5)
     loss = torch.tensor(2.5)
 
-    m = health.step_metrics(uniform, loss, features, n_crops=1)
+    m = signals(uniform, loss, features, n_crops=1)
     assert m[0].item() == pytest.approx(math.log(K)) and m[1].item() == pytest.approx(math.log(K))
     assert m[2].item() == pytest.approx(2.5 - math.log(K))  # KL = cross-entropy - entropy
 
-    m = health.step_metrics(one_hot, loss, features, n_crops=1)
+    m = signals(one_hot, loss, features, n_crops=1)
     assert m[0].item() == pytest.approx(0.0) and m[1].item() == pytest.approx(0.0)  # one prototype for all
     assert m[2].item() == pytest.approx(2.5)
 
-    m = health.step_metrics(spread_one_hot, loss, features, n_crops=1)
+    m = signals(spread_one_hot, loss, features, n_crops=1)
     assert m[0].item() == pytest.approx(0.0) and m[1].item() == pytest.approx(math.log(4))  # sharp, 4 used
 
     # A mix: each image half on its own prototype, half on a shared one -> per image ln 2; the batch mean
@@ -35,7 +39,7 @@ def test_entropies_of_uniform_one_hot_and_mixed_distributions():
     mixed = torch.zeros(4, K)
     mixed[:, 0] = 0.5
     mixed[torch.arange(4), torch.arange(1, 5)] = 0.5
-    m = health.step_metrics(mixed, loss, features, n_crops=1)
+    m = signals(mixed, loss, features, n_crops=1)
     assert m[0].item() == pytest.approx(math.log(2))
     assert m[1].item() == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(1 / 8)))
 
@@ -44,7 +48,7 @@ def test_batch_entropy_is_per_teacher_crop():
     """Two teacher crops whose batches each use one prototype (a different one per crop): per crop the batch
     mean is one-hot (entropy 0), although over both crops two prototypes are used."""
     probs = torch.nn.functional.one_hot(torch.tensor([1, 1, 1, 6, 6, 6]), K).float()
-    m = health.step_metrics(probs, torch.tensor(1.0), torch.randn(6, 3), n_crops=2)
+    m = signals(probs, torch.tensor(1.0), torch.randn(6, 3), n_crops=2)
     assert m[1].item() == pytest.approx(0.0)
 
 
@@ -52,15 +56,16 @@ def test_feature_spread_is_one_for_spread_features_and_zero_for_one_point():
     d = 6
     basis = torch.cat([torch.eye(d), -torch.eye(d)])  # evenly spread on the sphere: per-dim std 1/sqrt(d)
     probs = torch.full((2 * d, K), 1.0 / K)
-    assert health.step_metrics(probs, torch.tensor(0.0), basis, 1)[3].item() == pytest.approx(1.0)
+    assert signals(probs, torch.tensor(0.0), basis, 1)[3].item() == pytest.approx(1.0)
     same = torch.ones(2 * d, d) * torch.randn(1, d)
-    assert health.step_metrics(probs, torch.tensor(0.0), same, 1)[3].item() == pytest.approx(0.0, abs=1e-6)
+    assert signals(probs, torch.tensor(0.0), same, 1)[3].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_prototype_usage_counts_argmaxes():
     usage = health.PrototypeUsage(K, "cpu")
-    usage.update(torch.nn.functional.one_hot(torch.tensor([2, 2, 5]), K).float())
-    usage.update(torch.nn.functional.one_hot(torch.tensor([5, 7]), K).float())
+    for winners in ([2, 2, 5], [5, 7]):
+        probs = torch.nn.functional.one_hot(torch.tensor(winners), K).float() * 0.9 + 0.1 / K
+        usage.update(health.step_metrics(probs, torch.tensor(1.0), torch.randn(len(winners), 3), 1)[1])
     assert usage.count() == 3
 
 
