@@ -106,10 +106,15 @@ def test_eurosat_classes_differ_visually(tmp_path):
 def test_cli_writes_both_datasets_and_rejects_bad_arguments(tmp_path):
     cmd = [sys.executable, "-m", "datasets.demo", "--output_dir", str(tmp_path)]
     small = ["--n_locations", "1", "--n_acquisitions", "2", "--n_per_class", "1", "--seed", "4"]
-    result = subprocess.run(cmd + small, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "wrote 1 locations x 2 acquisitions" in result.stdout
+    # both commands at once: the refused one writes nothing, so they cannot interfere
+    good, bad = (
+        subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for argv in (cmd + small, cmd + ["--n_locations", "0"])
+    )
+    good_out, good_err = good.communicate(timeout=120)
+    _, bad_err = bad.communicate(timeout=120)
+    assert good.returncode == 0, good_err
+    assert "wrote 1 locations x 2 acquisitions" in good_out
     assert len(list((tmp_path / "seco" / "000000").iterdir())) == 2
     assert (tmp_path / "eurosat" / "eurosat-train.txt").exists()
-    bad = subprocess.run(cmd + ["--n_locations", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--n_locations must be >= 1" in bad.stderr
+    assert bad.returncode == 2 and "--n_locations must be >= 1" in bad_err

@@ -152,12 +152,14 @@ def test_bad_input_is_one_line_exit_2(rgb_root, tmp_path, capsys, extra, message
 def test_torchrun_two_processes_give_the_single_process_features(rgb_root, tmp_path):
     """Each of 2 CPU processes extracts every other image; the gathered features equal a plain run's."""
     common = TINY + ["--pretrained_weights", "none", "--nb_knn", "1", "--data_path", str(rgb_root)]
-    eval_knn.run(common + ["--output_dir", str(tmp_path / "one"), "--dump_features", str(tmp_path / "f1")])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["eval_knn.py", *common, "--output_dir", str(tmp_path / "two"), "--dump_features", str(tmp_path / "f2")]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # the plain run, in this process, while torchrun's processes start: the two write to separate folders
+    done = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    eval_knn.run(common + ["--output_dir", str(tmp_path / "one"), "--dump_features", str(tmp_path / "f1")])
+    _, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err[-2000:]
     for name in eval_knn.FEATURE_FILES:
         single, gathered = torch.load(tmp_path / "f1" / name), torch.load(tmp_path / "f2" / name)
         assert torch.allclose(single.float(), gathered.float(), atol=1e-5), name

@@ -103,19 +103,22 @@ def test_train_frac_subset_is_saved(rgb_run, tmp_path):
     assert len(chosen) == len(set(chosen)) == 18 and set(chosen) <= set(train)
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
+def start_script(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, str(REPO / "finetune_eurosat.py"), *args], capture_output=True, text=True, env=env, cwd=REPO
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "finetune_eurosat.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
     )
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
-    """A real process for the exit code; the other cases in-process (same code path, no interpreter start)."""
-    proc = run_script("--data_path", str(tmp_path / "missing"), "--pretrained_weights", "none")
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: --data_path {tmp_path / 'missing'} is not a folder (expected a EuroSAT root)"
-    ]
+    """A real process for the exit code; the other cases in-process (same code path, no interpreter start),
+    checked while that process starts."""
+    proc = start_script("--data_path", str(tmp_path / "missing"), "--pretrained_weights", "none")
     write_textured_rgb(tmp_path / "good", per_class=5)
     write_textured_rgb(tmp_path / "bad", per_class=2)
     split = {"train": ["Forest_1.jpg", "Forest_9.jpg"], "val": ["Forest_2.jpg"], "test": ["Forest_2.jpg"]}
@@ -134,6 +137,10 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
         assert exit_info.value.code == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err.strip().splitlines() == [
+        f"error: --data_path {tmp_path / 'missing'} is not a folder (expected a EuroSAT root)"
+    ]
 
 
 def test_torchrun_two_processes_train_and_evaluate_every_sample_once(tmp_path):

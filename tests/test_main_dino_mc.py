@@ -50,6 +50,8 @@ def tiny_args(data_path, output_dir, *extra: str) -> list[str]:
         "cpu",
         "--print_freq",
         "1",
+        # small crops so that a step is quick on a CPU; six local sizes, as published (mc/tp use the smallest)
+        *("--global_crops_size", "64", "--size_crops", "56", "48", "40", "32", "24", "16"),
         *extra,
     ]
 
@@ -134,27 +136,28 @@ def test_torchrun_two_processes_gloo(seco_root, tmp_path):
 
 
 def test_kill_and_resume_gives_same_teacher(seco_root, tmp_path):
+    # resnet18 for its BatchNorm buffers, which the resume must restore too; a small head for speed
     common = ["--epochs", "3", "--local_crops_number", "2", "--saveckp_freq", "0", "--arch", "resnet18"]
+    common += ["--out_dim", "64"]
     common += ["--warmup_epochs", "0", "--lr", "0.05", "--momentum_teacher", "0.9"]  # a teacher that moves
-    straight = tmp_path / "straight"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # Every run in a fresh process with the same thread count, so that only the resume can make a difference.
-    assert run_script(["main_dino_mc.py", *tiny_args(seco_root, straight, *common)], timeout=300).returncode == 0
-
-    resumed = tmp_path / "resumed"
+    # The uninterrupted run and the one to kill are independent: they run side by side (one thread each).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "main_dino_mc.py", *tiny_args(seco_root, resumed, *common)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+
+    def start(output_dir: Path, **streams) -> subprocess.Popen:
+        argv = [sys.executable, "main_dino_mc.py", *tiny_args(seco_root, output_dir, *common)]
+        return subprocess.Popen(argv, cwd=REPO, env=env, text=True, **streams)
+
+    uninterrupted = start(straight, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start(resumed, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     for line in proc.stdout:  # kill as soon as the second epoch starts: epoch 0 is checkpointed
         if line.startswith("Epoch: [1/3]"):
             proc.kill()
             break
     proc.wait()
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err[-3000:]
     assert torch.load(resumed / "checkpoint.pth")["epoch"] == 1
     assert run_script(["main_dino_mc.py", *tiny_args(seco_root, resumed, *common)], timeout=300).returncode == 0
 

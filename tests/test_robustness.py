@@ -16,9 +16,11 @@ import threading
 from pathlib import Path
 
 import pytest
+import test_engine
 import torch
 
 import main_dino_mc
+import prepare_data
 import utils
 from datasets.demo import write_seco_demo
 from datasets.seco import SeCoDataset
@@ -188,10 +190,18 @@ def sigusr2_after_first_step(args: list[str]) -> subprocess.CompletedProcess:
 def test_sigusr2_mid_epoch_with_workers_saves_and_resumes_to_the_same_teacher(seco_root, tmp_path):
     workers = ("--num_workers", "2", "--epochs", "1")
     straight, preempted = tmp_path / "straight", tmp_path / "preempted"
-    proc = run_script(["main_dino_mc.py", *tiny_args(seco_root, straight, *workers)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
+    # The uninterrupted run is independent of the preempted one: it runs meanwhile, in its own process.
+    uninterrupted = subprocess.Popen(
+        [sys.executable, "main_dino_mc.py", *tiny_args(seco_root, straight, *workers)],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc = sigusr2_after_first_step(tiny_args(seco_root, preempted, *workers))
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err[-3000:]
     assert proc.returncode == main_dino_mc.PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
     ckpt = torch.load(preempted / "checkpoint.pth")
     assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] < ITERS_PER_EPOCH  # mid-epoch, not the epoch's end
@@ -394,11 +404,12 @@ def test_kill_at_log_and_checkpoint_writes_keeps_them_and_resumes(seco_root, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == expected  # killed temporaries gone
 
 
-TOY_FIT = """
+TOY_FIT_ARGS = {"epochs": 4, "lr": 0.01}
+TOY_FIT = f"""
 import sys
 sys.path.insert(0, "tests")
 import test_engine
-test_engine.train_toy(test_engine.make_args(sys.argv[1], epochs=4, lr=0.01))
+test_engine.train_toy(test_engine.make_args(sys.argv[1], **{TOY_FIT_ARGS!r}))
 """
 
 
@@ -409,8 +420,7 @@ def test_kill_at_best_checkpoint_write_keeps_best_and_checkpoint_consistent(tmp_
     assert torch.load(tmp_path / "checkpoint_best.pth", weights_only=False)["epoch"] == 1
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["epoch"] == 1
 
-    proc = run_script(["-c", TOY_FIT, str(tmp_path)])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    test_engine.train_toy(test_engine.make_args(tmp_path, **TOY_FIT_ARGS))  # the next run, in this process
     saved_best = torch.load(tmp_path / "checkpoint_best.pth", weights_only=False)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert saved_best["epoch"] - 1 == metrics["best"]["epoch"] == 1
@@ -420,30 +430,36 @@ def test_kill_at_pack_rename_leaves_no_pack_and_the_next_run_packs(seco_root, tm
     output = tmp_path / "rgb.pack"
     killed_at_rename(output.name, "prepare_data.py", "--data_path", str(seco_root), "--output_path", str(output))
     assert not output.exists() and (tmp_path / f".{output.name}.partial").is_dir()
-    proc = run_script(["prepare_data.py", "--data_path", str(seco_root), "--output_path", str(output)])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    prepare_data.run(["--data_path", str(seco_root), "--output_path", str(output)])  # the next run, in this process
     tree, packed = SeCoDataset(seco_root), SeCoDataset(output)
     assert packed.locations == tree.locations
     assert torch.equal(packed.load(3, 1), tree.load(3, 1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rgb.pack"]
 
 
-FAKE_DOWNLOAD = """
+FAKE_WEIGHTS = b"weights " * 1000
+
+
+def fake_download(url: str, dst: str, progress: bool = True) -> None:
+    """A stand-in for torch.hub.download_url_to_file that writes FAKE_WEIGHTS."""
+    Path(dst).write_bytes(FAKE_WEIGHTS)
+
+
+FAKE_DOWNLOAD = f"""
 import sys, torch.hub
 import utils
-torch.hub.download_url_to_file = lambda url, dst, progress=True: open(dst, "wb").write(b"weights " * 1000)
-print(utils.resolve_weights_path("https://example.org/w.pth", sys.argv[1]))
+torch.hub.download_url_to_file = lambda url, dst, progress=True: open(dst, "wb").write({FAKE_WEIGHTS!r})
+utils.resolve_weights_path("https://example.org/w.pth", sys.argv[1])
 """
 
 
-def test_kill_at_download_rename_leaves_no_cached_file_and_the_next_run_downloads(tmp_path):
+def test_kill_at_download_rename_leaves_no_cached_file_and_the_next_run_downloads(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     killed_at_rename("-w.pth", FAKE_DOWNLOAD, str(cache))  # the cache's name: <digest of the URL>-w.pth
     assert [p.name.endswith(".partial") for p in cache.iterdir()] == [True]  # nothing looks like a download
-    proc = run_script(["-c", FAKE_DOWNLOAD, str(cache)])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    cached = Path(proc.stdout.strip().splitlines()[-1])
-    assert cached.parent == cache and cached.read_bytes() == b"weights " * 1000
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)  # the next run, in this process
+    cached = utils.resolve_weights_path("https://example.org/w.pth", cache)
+    assert cached.parent == cache and cached.read_bytes() == FAKE_WEIGHTS
 
 
 # ============================================================================ host-device syncs of the step

@@ -33,7 +33,7 @@ SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol",
 CLUSTER_WAIT_S = 240
 JOB_WAIT_S = 420
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
-EPOCHS = 6  # enough for the preemption signal to land while the job trains
+EPOCHS = 4  # enough for the preemption signal to land while the job trains (it is sent after epoch 0)
 # A 2-task job on 8 locations: two iterations per epoch; small crops and head so that an epoch takes a second
 PRETRAIN = [
     *("--arch", "vit_tiny", "--patch_size", "16", "--data_mode", "mc", "--batch_size_per_gpu", "2"),
@@ -193,7 +193,7 @@ def torchrun_reference(seco_root, tmp_path_factory) -> Path:
 def timeout_job(slurm_cluster, seco_root, tmp_path_factory) -> tuple[str, Path]:
     """A 1-task pretraining that outlasts --timeout 1 (minute) --max_timeouts 1: requeued once at its time limit,
     then stopped. It spends most of its two minutes waiting for SLURM's clock, so it is submitted by the first
-    test and checked by its own, with the other jobs running meanwhile."""
+    test, before anything else, and checked by the last test of this file, with the other jobs run meanwhile."""
     out = tmp_path_factory.mktemp("timeout") / "run"
     argv = ["--partition", "debug", "--cpus_per_task", "1", "--mem_per_gpu", "1", "--timeout", "1"]
     argv += ["--max_timeouts", "1", "--signal_delay_s", "5", "--ngpus", "0", *PRETRAIN, "--epochs", "100000"]
@@ -219,9 +219,9 @@ def preempt_once_trained(job_id: str, out: Path) -> None:
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
 
 
-def test_two_task_gpu_job_equals_torchrun(submit, seco_root, torchrun_reference, timeout_job, tmp_path):
+def test_two_task_gpu_job_equals_torchrun(submit, seco_root, timeout_job, torchrun_reference, tmp_path):
     """--ngpus 2 asks the node's GPU generic resources; the two tasks train with gloo to torchrun's weights.
-    (timeout_job: started here, see there.)"""
+    (timeout_job: started here, before the torchrun reference, see there.)"""
     out = tmp_path / "run"
     job_id = submit([*SLURM, "--ngpus", "2", *PRETRAIN, "--epochs", str(EPOCHS)] + data(seco_root, out))
     job = wait_for_end(job_id, out)
@@ -259,22 +259,6 @@ def test_preempted_cpu_job_requeues_and_ends_equal(submit, seco_root, torchrun_r
     difference = max_difference(teacher(out / "checkpoint.pth"), teacher(torchrun_reference))
     print(f"teacher after requeue vs torchrun: max |difference| {difference:.3g}")
     assert difference <= 1e-6
-
-
-def test_job_past_max_timeouts_stops_with_one_line(timeout_job):
-    """--timeout 1 (minute) --max_timeouts 1: requeued once at its time limit, then it stops and says why."""
-    job_id, out = timeout_job
-    job = wait_for_end(job_id, out)
-    err = task_log(out, job_id, stream="err")
-    stop = [line for line in err.splitlines() if line.startswith("error:")]
-    print(stop)
-    assert job["Restarts"] == "1" and job["JobState"] == "FAILED", err[-3000:]
-    assert stop == [
-        f"error: main_dino_mc: job not requeued: it reached --timeout 1 min more than --max_timeouts 1 times. "
-        f"Its last checkpoint in {out} is kept: submit again to continue"
-    ]
-    starts = [int(e) for e in re.findall(r"Starting mc training from epoch (\d+)", task_log(out, job_id))]
-    assert len(starts) == 2 and starts[0] == 0 < starts[1], starts  # the second run resumed
 
 
 def test_job_past_max_requeues_stops_instead_of_looping(submit, seco_root, tmp_path):
@@ -405,3 +389,20 @@ def test_gpus_asked_of_a_cluster_without_gpus_is_one_line(gpuless_cluster, monke
     assert captured.err == (
         "error: sbatch refused the job: Invalid generic resource (gres) specification; change --ngpus 1\n"
     )
+
+
+def test_job_past_max_timeouts_stops_with_one_line(timeout_job):
+    """--timeout 1 (minute) --max_timeouts 1: requeued once at its time limit, then it stops and says why.
+    Last in this file: the other tests ran while the job waited for its time limits."""
+    job_id, out = timeout_job
+    job = wait_for_end(job_id, out)
+    err = task_log(out, job_id, stream="err")
+    stop = [line for line in err.splitlines() if line.startswith("error:")]
+    print(stop)
+    assert job["Restarts"] == "1" and job["JobState"] == "FAILED", err[-3000:]
+    assert stop == [
+        f"error: main_dino_mc: job not requeued: it reached --timeout 1 min more than --max_timeouts 1 times. "
+        f"Its last checkpoint in {out} is kept: submit again to continue"
+    ]
+    starts = [int(e) for e in re.findall(r"Starting mc training from epoch (\d+)", task_log(out, job_id))]
+    assert len(starts) == 2 and starts[0] == 0 < starts[1], starts  # the second run resumed

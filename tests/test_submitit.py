@@ -38,11 +38,13 @@ def seco_root(tmp_path_factory) -> Path:
 
 
 def tiny_run(seco_root: Path, output_dir: Path, *extra: str) -> list[str]:
-    """Launcher flags for a local job of a tiny pretraining (2 tasks: one iteration per epoch on 4 locations)."""
+    """Launcher flags for a local job of a tiny pretraining (2 tasks: one iteration per epoch on 4 locations;
+    small crops and head so that an epoch takes a fraction of a second)."""
     return [
         *("--cluster", "local", "--timeout", "30"),
         *("--arch", "vit_tiny", "--patch_size", "16", "--data_mode", "mc", "--batch_size_per_gpu", "2"),
-        *("--out_dim", "256", "--precision", "fp32", "--seed", "0", "--local_crops_number", "2"),
+        *("--out_dim", "64", "--precision", "fp32", "--seed", "0", "--local_crops_number", "2"),
+        *("--global_crops_size", "64", "--size_crops", "48", "32"),
         *("--saveckp_freq", "0", "--data_path", str(seco_root), "--output_dir", str(output_dir)),
         *extra,
     ]

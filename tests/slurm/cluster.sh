@@ -21,6 +21,7 @@ action=$1
 dir=$(realpath -m "$2")
 conf=$dir/slurm.conf
 wait_s=${SLURM_WAIT_S:-120}  # bounded waits, generous for a busy machine
+polls=$((wait_s * 10))  # each wait checks every 0.1 s, so that a quick start or stop is not rounded up to 1 s
 
 fail() { echo "error: $*" >&2; exit 1; }
 
@@ -28,7 +29,7 @@ fail() { echo "error: $*" >&2; exit 1; }
 start_daemon() {
     local name=$1 pidfile=$2 log=$3; shift 3
     "$@" || { tail -n 20 "$log" >&2 2>/dev/null; fail "$name did not start (log: $log)"; }
-    for _ in $(seq "$wait_s"); do [[ -s $pidfile ]] && return 0; sleep 1; done
+    for _ in $(seq "$polls"); do [[ -s $pidfile ]] && return 0; sleep 0.1; done
     tail -n 20 "$log" >&2 2>/dev/null
     fail "$name wrote no pid file $pidfile within ${wait_s}s (log: $log)"
 }
@@ -102,38 +103,43 @@ up() {
     start_daemon slurmctld "$dir/slurmctld.pid" "$dir/log/slurmctld.log" slurmctld -f "$conf"
     start_daemon slurmd "$dir/slurmd.pid" "$dir/log/slurmd.log" slurmd -f "$conf"
     local state=""
-    for _ in $(seq "$wait_s"); do
+    for _ in $(seq "$polls"); do
         state=$(sinfo --noheader --partition debug --format %T 2>/dev/null || true)
         [[ $state == idle ]] && { echo "export SLURM_CONF=$conf"; return 0; }
-        sleep 1
+        sleep 0.1
     done
     tail -n 20 "$dir/log/slurmctld.log" "$dir/log/slurmd.log" >&2 2>/dev/null
     fail "the node did not become idle within ${wait_s}s (state: ${state:-no answer}; logs in $dir/log)"
 }
 
-# Stop a daemon by its pid file (only the process this script started) and wait until it is gone.
-stop_daemon() {
-    local pidfile=$1 pid
-    [[ -s $pidfile ]] || return 0
-    pid=$(<"$pidfile")
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq "$wait_s"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-    rm -f "$pidfile"
+# Stop daemons by their pid files (only the processes this script started) and wait until they are gone. They
+# are signalled together, since each takes a second or two to shut down.
+stop_daemons() {
+    local pidfile pid pids=()
+    for pidfile in "$@"; do
+        [[ -s $pidfile ]] || continue
+        pid=$(<"$pidfile")
+        kill "$pid" 2>/dev/null || true
+        pids+=("$pid")
+    done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq "$polls"); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    done
+    rm -f "$@"
 }
 
 down() {
     [[ -f $conf ]] || fail "no cluster config in $dir"
     export SLURM_CONF=$conf
     if [[ -s $dir/slurmctld.pid ]] && scancel --full --quiet --user root 2>/dev/null; then
-        for _ in $(seq "$wait_s"); do
+        for _ in $(seq "$polls"); do
             [[ -z $(squeue --noheader --format %i 2>/dev/null | head -n 1) ]] && break
-            sleep 1
+            sleep 0.1
         done
     fi
-    stop_daemon "$dir/slurmd.pid"
-    stop_daemon "$dir/slurmctld.pid"
-    stop_daemon "$dir/munged.pid"
+    stop_daemons "$dir/slurmd.pid" "$dir/slurmctld.pid"
+    stop_daemons "$dir/munged.pid"  # last: the SLURM daemons authenticate through it until they are gone
 }
 
 case $action in
