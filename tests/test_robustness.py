@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -74,24 +75,31 @@ def free_port() -> int:
 
 
 def start_ranks(code_args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
-    """``world_size`` processes of one gloo job on this machine (the variables torchrun would set)."""
+    """``world_size`` processes of one gloo job on this machine (the variables torchrun would set).
+
+    Only rank 0's stdout is a pipe (tests follow its log line by line); every other stream goes to a file, so that
+    a rank that writes a lot (a traceback per loader worker) never blocks on a full pipe that nobody reads."""
     port = str(free_port())
     procs = []
     for rank in range(world_size):
         env = child_env(
             RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
         )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, *code_args],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+        stdout = subprocess.PIPE if rank == 0 else tempfile.TemporaryFile("w+")
+        stderr = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(
+            [sys.executable, *code_args], cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True
         )
+        proc.spools = {"stdout": stdout, "stderr": stderr}
+        procs.append(proc)
     return procs
+
+
+def read_spool(proc: subprocess.Popen, name: str) -> str:
+    """What a finished process of ``start_ranks`` wrote to the file behind its ``name`` ("stdout" or "stderr")."""
+    spool = proc.spools[name]
+    spool.seek(0)
+    return spool.read()
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str, str]]:
@@ -100,12 +108,14 @@ def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[in
     results = []
     for proc in procs:
         try:
-            out, err = proc.communicate(timeout=timeout)
+            out, _ = proc.communicate(timeout=timeout)  # reads rank 0's stdout pipe, waits for the others
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
             pytest.fail("a rank was still waiting after the others stopped (hang)")
-        results.append((proc.returncode, out, err))
+        results.append(
+            (proc.returncode, read_spool(proc, "stdout") if out is None else out, read_spool(proc, "stderr"))
+        )
     return results
 
 
@@ -167,24 +177,27 @@ def test_data_stream_depends_only_on_seed_epoch_and_position():
 
 def sigusr2_after_first_step(args: list[str]) -> subprocess.CompletedProcess:
     """Run ``main_dino_mc.py args`` in its own session and send SIGUSR2 to all of its processes (the loader's
-    workers too, as SLURM does) as soon as the first training step has been logged."""
-    proc = subprocess.Popen(
-        [sys.executable, "main_dino_mc.py", *args],
-        cwd=REPO,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith(f"Epoch: [0/1]  [1/{ITERS_PER_EPOCH}]"):
-            os.killpg(proc.pid, signal.SIGUSR2)
-            break
-    out, err = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + out, err)
+    workers too, as SLURM does) as soon as the first training step has been logged. Its stderr goes to a file,
+    so that nothing it writes there can block it while the test reads its stdout."""
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "main_dino_mc.py", *args],
+            cwd=REPO,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(f"Epoch: [0/1]  [1/{ITERS_PER_EPOCH}]"):
+                os.killpg(proc.pid, signal.SIGUSR2)
+                break
+        out, _ = proc.communicate(timeout=300)
+        stderr.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + out, stderr.read())
 
 
 def test_sigusr2_mid_epoch_with_workers_saves_and_resumes_to_the_same_teacher(seco_root, tmp_path):
