@@ -95,9 +95,8 @@ def start_ranks(code_args: list[str], world_size: int = 2) -> list[subprocess.Po
     return procs
 
 
-def read_spool(proc: subprocess.Popen, name: str) -> str:
-    """What a finished process of ``start_ranks`` wrote to the file behind its ``name`` ("stdout" or "stderr")."""
-    spool = proc.spools[name]
+def read_spool(spool) -> str:
+    """Everything a finished process wrote to the temporary file ``spool``."""
     spool.seek(0)
     return spool.read()
 
@@ -114,7 +113,11 @@ def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[in
                 p.kill()
             pytest.fail("a rank was still waiting after the others stopped (hang)")
         results.append(
-            (proc.returncode, read_spool(proc, "stdout") if out is None else out, read_spool(proc, "stderr"))
+            (
+                proc.returncode,
+                read_spool(proc.spools["stdout"]) if out is None else out,
+                read_spool(proc.spools["stderr"]),
+            )
         )
     return results
 
@@ -196,8 +199,7 @@ def sigusr2_after_first_step(args: list[str]) -> subprocess.CompletedProcess:
                 os.killpg(proc.pid, signal.SIGUSR2)
                 break
         out, _ = proc.communicate(timeout=300)
-        stderr.seek(0)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + out, stderr.read())
+        return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + out, read_spool(stderr))
 
 
 def test_sigusr2_mid_epoch_with_workers_saves_and_resumes_to_the_same_teacher(seco_root, tmp_path):
