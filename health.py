@@ -17,6 +17,13 @@ and Fig. 7), and these signals say which way:
 - ``feature_std``: standard deviation across the batch of the L2-normalised teacher backbone features, per
   dimension, averaged over dimensions and multiplied by sqrt(dim), so that features spread evenly over the
   sphere give about 1 and all images mapped to one point give 0.
+- ``feature_dims``: the effective number of dimensions the teacher backbone features of a batch vary along,
+  the participation ratio (sum of the covariance eigenvalues)^2 / (sum of their squares) of the centred,
+  L2-normalised features, per teacher crop and averaged: 1 when every image sits on one line, k for k
+  equally strong directions. It catches what the spread cannot: features that are spread, but along one or
+  two directions (dimensional collapse, Jing et al. 2022; RankMe, Garrido et al. 2023, rank a whole
+  representation the same way with the entropy of its singular values). Computed as
+  trace(G)^2 / ||G||_F^2 of the batch's Gram matrix G, one small matmul: no decomposition, no synchronisation.
 - ``prototypes_used``: how many prototypes are the argmax of at least one teacher output in the epoch.
 
 Everything is computed without gradients on tensors the step already has (the loss's teacher
@@ -32,17 +39,23 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-STEP_METRICS = ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl", "feature_std")
+STEP_METRICS = ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl", "feature_std", "feature_dims")
 
 # Collapse regimes, on the epoch means, as fractions of ln(out_dim) (the entropy of the uniform distribution)
 # and of the spread of evenly spread features. Why these values: a teacher whose every image distribution has
 # 90 % of the maximal entropy is as flat as a random guess over most prototypes (uniform collapse; DINO's
 # healthy runs sit far below, its Fig. 7 collapse curves at the maximum); a batch mean with under 10 % of it
 # puts nearly all the mass on a handful of prototypes for every image (one-prototype collapse); features whose
-# spread is under 5 % of an even spread on the sphere have nearly merged into one point.
+# spread is under 5 % of an even spread on the sphere have nearly merged into one point; features that vary
+# along fewer than two effective directions order the images along a line (brightness, say), whatever their
+# spread, so a k-NN on them can tell apart little more than the extremes of one quantity.
 UNIFORM_ENTROPY_FRACTION = 0.9
 ONE_PROTOTYPE_ENTROPY_FRACTION = 0.1
 MIN_FEATURE_SPREAD = 0.05
+MIN_FEATURE_DIMS = 2.0
+# B images span at most B - 1 dimensions, so the dimensional regime is judged only on batches (per process)
+# of at least this many images, where healthy features have room to show several.
+MIN_BATCH_FOR_DIMS = 8
 
 ADVICE = {
     "uniform": "a lower --teacher_temp (or a shorter --warmup_teacher_temp_epochs) sharpens the teacher; also "
@@ -50,6 +63,9 @@ ADVICE = {
     "one-prototype": "a higher --teacher_temp, a higher --momentum_teacher, a lower --lr or a larger batch, "
     "--norm_last_layer true, and --precision fp32 (DINO's --use_fp16 false) if fp16 is on",
     "features": "a lower --lr or a larger batch, a higher --momentum_teacher, --norm_last_layer true, "
+    "and --precision fp32 (DINO's --use_fp16 false) if fp16 is on",
+    "dimensional": "a lower --lr or a larger batch, a higher --momentum_teacher, a higher --teacher_temp (or a "
+    "longer --warmup_teacher_temp_epochs) so that the teacher spreads images over more prototypes, more epochs, "
     "and --precision fp32 (DINO's --use_fp16 false) if fp16 is on",
 }
 
@@ -84,8 +100,19 @@ def step_metrics(
     batch_entropy = entropy(floored.view(n_crops, -1, floored.shape[-1]).mean(dim=1)).mean()
     features = F.normalize(teacher_features.float(), dim=-1)
     spread = features.std(dim=0, correction=0).mean() * math.sqrt(features.shape[-1])
-    signals = torch.stack([per_image, batch_entropy, loss.detach().float() - per_image, spread])
+    dims = participation_ratio(features.view(n_crops, -1, features.shape[-1])).mean()
+    signals = torch.stack([per_image, batch_entropy, loss.detach().float() - per_image, spread, dims])
     return signals, floored.argmax(dim=-1)
+
+
+def participation_ratio(features: torch.Tensor) -> torch.Tensor:
+    """Effective number of dimensions of each (..., N, D) batch of features: (sum of the eigenvalues of their
+    covariance)^2 / (sum of their squares), from the Gram matrix of the centred rows (the eigenvalues of
+    X X^T and X^T X are the same), so that it costs an N x N x D matmul. 0 for a batch with no spread."""
+    centred = features - features.mean(dim=-2, keepdim=True)
+    gram = centred @ centred.transpose(-1, -2)
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+    return trace.square() / gram.square().sum(dim=(-2, -1)).clamp_min(torch.finfo(gram.dtype).tiny)
 
 
 class PrototypeUsage:
@@ -105,8 +132,9 @@ class PrototypeUsage:
         return int(used.sum())
 
 
-def collapse_regime(stats: dict[str, float], out_dim: int) -> str | None:
-    """The collapse regime the epoch's mean signals are in ("uniform", "one-prototype", "features"), or None."""
+def collapse_regime(stats: dict[str, float], out_dim: int, batch_size: int) -> str | None:
+    """The collapse regime the epoch's mean signals are in ("uniform", "one-prototype", "features",
+    "dimensional"), or None; ``batch_size`` is the per-process batch the features were measured on."""
     max_entropy = math.log(out_dim)
     if stats["teacher_entropy"] >= UNIFORM_ENTROPY_FRACTION * max_entropy:
         return "uniform"
@@ -114,12 +142,14 @@ def collapse_regime(stats: dict[str, float], out_dim: int) -> str | None:
         return "one-prototype"
     if stats["feature_std"] <= MIN_FEATURE_SPREAD:
         return "features"
+    if batch_size >= MIN_BATCH_FOR_DIMS and stats["feature_dims"] < MIN_FEATURE_DIMS:
+        return "dimensional"
     return None
 
 
-def collapse_warning(stats: dict[str, float], out_dim: int, epoch: int) -> str | None:
+def collapse_warning(stats: dict[str, float], out_dim: int, epoch: int, batch_size: int) -> str | None:
     """One warning line for an epoch whose signals are in a collapse regime (None for a healthy epoch)."""
-    regime = collapse_regime(stats, out_dim)
+    regime = collapse_regime(stats, out_dim, batch_size)
     if regime is None:
         return None
     max_entropy = math.log(out_dim)
@@ -127,10 +157,12 @@ def collapse_warning(stats: dict[str, float], out_dim: int, epoch: int) -> str |
         "uniform": "the teacher gives every image an almost flat distribution over the prototypes",
         "one-prototype": "the teacher gives every image the same few prototypes",
         "features": "the backbone maps all images to nearly one point",
+        "dimensional": "the backbone features vary along fewer than two directions",
     }[regime]
     return (
         f"warning: epoch {epoch}: {regime} collapse: {what} (teacher entropy {stats['teacher_entropy']:.2f}, "
         f"batch entropy {stats['teacher_batch_entropy']:.2f}, ln(out_dim) {max_entropy:.2f}, feature spread "
-        f"{stats['feature_std']:.3f}, {int(stats['prototypes_used'])} of {out_dim} prototypes used). What usually "
+        f"{stats['feature_std']:.3f}, feature dimensions {stats['feature_dims']:.2f}, "
+        f"{int(stats['prototypes_used'])} of {out_dim} prototypes used). What usually "
         f"helps: {ADVICE[regime]}. Training goes on."
     )

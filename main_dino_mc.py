@@ -546,7 +546,7 @@ def main(args: argparse.Namespace) -> None:
                 watch=watch,
                 save=save,
             )
-            warning = health.collapse_warning(train_stats, args.out_dim, epoch)
+            warning = health.collapse_warning(train_stats, args.out_dim, epoch, args.batch_size_per_gpu)
             if warning:
                 print(warning, flush=True)
             log_stats = {f"train_{k}": v for k, v in train_stats.items()}

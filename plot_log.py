@@ -27,6 +27,7 @@ PANELS: list[tuple[str, tuple[str, ...]]] = [
     ("teacher entropy (nats)", ("train_teacher_entropy", "train_teacher_batch_entropy")),
     ("KL(teacher || student)", ("train_teacher_student_kl",)),
     ("feature spread", ("train_feature_std",)),
+    ("feature dimensions", ("train_feature_dims",)),
     ("prototypes used", ("train_prototypes_used",)),
     ("online k-NN top-1 (%)", ("knn_top1",)),
 ]

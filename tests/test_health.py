@@ -61,6 +61,25 @@ def test_feature_spread_is_one_for_spread_features_and_zero_for_one_point():
     assert signals(probs, torch.tensor(0.0), same, 1)[3].item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_feature_dimensions_count_the_directions_features_vary_along():
+    """Participation ratio by hand: images on one line -> 1; on k orthogonal directions with equal spread -> k;
+    two directions with variances 4 and 1 -> (4 + 1)^2 / (16 + 1); one point -> 0. The features are
+    L2-normalised first, so each case is built from unit vectors."""
+    probs = torch.full((8, K), 1.0 / K)
+    line = torch.tensor([[1.0, 0, 0], [-1.0, 0, 0]]).repeat(4, 1)  # +-e1: variance along e1 only
+    assert signals(probs, torch.tensor(0.0), line, 1)[4].item() == pytest.approx(1.0)
+    for k in (2, 3, 4):
+        assert health.participation_ratio(torch.cat([torch.eye(k), -torch.eye(k)])).item() == pytest.approx(k)
+    a, b = 2.0, 1.0
+    uneven = torch.tensor([[a, 0], [-a, 0], [0, b], [0, -b]])  # eigenvalues of its scatter: 2a^2, 2b^2
+    expected = (a**2 + b**2) ** 2 / (a**4 + b**4)
+    assert health.participation_ratio(uneven).item() == pytest.approx(expected)
+    assert signals(probs, torch.tensor(0.0), torch.ones(8, 3), 1)[4].item() == pytest.approx(0.0, abs=1e-6)
+    # Per teacher crop, then averaged: crop 1 on a line (1), crop 2 on two directions (2) -> 1.5.
+    two_crops = torch.cat([line[:4], torch.tensor([[1.0, 0, 0], [-1.0, 0, 0], [0, 1.0, 0], [0, -1.0, 0]])])
+    assert signals(probs, torch.tensor(0.0), two_crops, 2)[4].item() == pytest.approx(1.5)
+
+
 def test_prototype_usage_counts_argmaxes():
     usage = health.PrototypeUsage(K, "cpu")
     for winners in ([2, 2, 5], [5, 7]):
@@ -69,7 +88,13 @@ def test_prototype_usage_counts_argmaxes():
     assert usage.count() == 3
 
 
-HEALTHY = {"teacher_entropy": 0.5, "teacher_batch_entropy": 1.8, "feature_std": 0.4, "prototypes_used": 6}
+HEALTHY = {
+    "teacher_entropy": 0.5,
+    "teacher_batch_entropy": 1.8,
+    "feature_std": 0.4,
+    "feature_dims": 5.0,
+    "prototypes_used": 6,
+}
 
 
 @pytest.mark.parametrize(
@@ -80,14 +105,22 @@ HEALTHY = {"teacher_entropy": 0.5, "teacher_batch_entropy": 1.8, "feature_std": 
         ({"teacher_entropy": 0.0, "teacher_batch_entropy": 0.05}, "one-prototype"),
         ({"prototypes_used": 1}, "one-prototype"),
         ({"feature_std": 0.01}, "features"),
+        ({"feature_dims": 1.3}, "dimensional"),
     ],
 )
 def test_collapse_regimes_and_one_warning_line(change, regime):
     stats = {**HEALTHY, **change}
-    assert health.collapse_regime(stats, K) == regime
-    warning = health.collapse_warning(stats, K, epoch=3)
+    assert health.collapse_regime(stats, K, batch_size=16) == regime
+    warning = health.collapse_warning(stats, K, epoch=3, batch_size=16)
     if regime is None:
         assert warning is None
     else:
         assert warning.startswith(f"warning: epoch 3: {regime} collapse") and "\n" not in warning
         assert "--teacher_temp" in warning or "--lr" in warning
+
+
+def test_dimensional_regime_needs_a_batch_that_can_show_two_dimensions():
+    """Four images span at most three dimensions: their participation ratio says little, so no warning."""
+    stats = {**HEALTHY, "feature_dims": 1.3}
+    assert health.collapse_regime(stats, K, batch_size=health.MIN_BATCH_FOR_DIMS) == "dimensional"
+    assert health.collapse_regime(stats, K, batch_size=4) is None

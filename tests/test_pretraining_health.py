@@ -17,7 +17,7 @@ from datasets.eurosat import EuroSAT
 from datasets.transforms import eval_transform
 
 HEALTH_KEYS = {f"train_{k}" for k in ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl")}
-HEALTH_KEYS |= {"train_feature_std", "train_prototypes_used", "train_momentum"}
+HEALTH_KEYS |= {"train_feature_std", "train_feature_dims", "train_prototypes_used", "train_momentum"}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,7 @@ def test_a_flat_teacher_warns_once_per_epoch_and_a_sharp_one_does_not(seco_root,
         "teacher entropy (nats)",
         "KL(teacher || student)",
         "feature spread",
+        "feature dimensions",
         "prototypes used",
     ]
 
