@@ -78,10 +78,11 @@ def draw(records: list[dict], knn_nb: list[int], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(knn_nb), figsize=(5.5 * len(knn_nb), 3.8), squeeze=False)
+    panels = [(f"knn_top1_k{k}", f"k-NN top-1, k = {k} (mean, range over seeds)", "top-1 (%)") for k in knn_nb]
+    panels.append(("feature_dims", "teacher feature dimensions (health)", "participation ratio"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     modes = sorted({r["mode"] for r in records})
-    for ax, k in zip(axes[0], knn_nb):
-        key = f"knn_top1_k{k}"
+    for ax, (key, title, ylabel) in zip(axes[0], panels):
         for mode in modes:
             points = [r for r in records if r["mode"] == mode and key in r]
             steps = sorted({r["step"] for r in points})
@@ -89,9 +90,9 @@ def draw(records: list[dict], knn_nb: list[int], path: Path) -> None:
             mean = np.array([np.mean(v) for v in values])
             ax.plot(steps, mean, marker="o", markersize=3, label=mode)
             ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
-        ax.set_title(f"k-NN top-1, k = {k} (mean, range over seeds)")
+        ax.set_title(title)
         ax.set_xlabel("training step")
-        ax.set_ylabel("top-1 (%)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -120,6 +121,7 @@ def main(args: argparse.Namespace) -> None:
             rows += [
                 {"mode": mode, "seed": seed, "epoch": r["epoch"], "step": r["step"]}
                 | {key: r[key] for key in r if key.startswith("knn_top1_k")}
+                | {"feature_dims": r["train_feature_dims"]}
                 for r in plot_log.read_log(run_dir / "log.txt")
                 if any(key.startswith("knn_top1_k") for key in r)
             ]

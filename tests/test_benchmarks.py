@@ -178,3 +178,30 @@ def test_learning_curve_refuses_the_flags_it_sets_per_run():
         learning_curve.pretrain_flags(args)
     args = learning_curve.get_args_parser().parse_args(["--", "--arch", "vit_tiny", "--epochs", "2"])
     assert learning_curve.pretrain_flags(args) == ["--arch", "vit_tiny", "--epochs", "2"]
+
+
+def test_learning_curve_writes_the_random_point_every_evaluation_and_the_figure(tmp_path, capsys):
+    """One mode, one seed, two tiny epochs: the random baseline at step 0, an online k-NN with the health
+    metric's feature dimensions after each epoch, a wall-time line, and the PNG."""
+    from downstream_fixtures import write_eurosat_rgb
+
+    from datasets.demo import write_seco_demo
+
+    write_seco_demo(tmp_path / "data" / "seco", n_locations=4, n_acquisitions=2, seed=0)
+    write_eurosat_rgb(tmp_path / "data" / "eurosat", {"Forest": 4, "River": 4, "SeaLake": 4}, size=32)
+    flags = ["--arch", "vit_tiny", "--patch_size", "16", "--epochs", "2", "--batch_size_per_gpu", "4"]
+    flags += ["--out_dim", "16", "--num_workers", "0", "--device", "cpu", "--precision", "fp32"]
+    flags += ["--global_crops_size", "32", "--local_crops_number", "2", "--size_crops", "32", "16"]
+    out = tmp_path / "curve"
+    args = learning_curve.get_args_parser().parse_args(
+        ["--data_dir", str(tmp_path / "data"), "--output_dir", str(out), "--modes", "mc", "--seeds", "0"]
+        + ["--knn_every", "1", "--knn_nb", "1", "3", "--", *flags]
+    )
+    learning_curve.main(args)
+    rows = [json.loads(line) for line in (out / "learning_curve.jsonl").read_text().splitlines()]
+    points = [r for r in rows if "knn_top1_k1" in r]
+    assert [r["step"] for r in points] == [0, 1, 2]  # 4 locations / batch 4 = 1 step per epoch
+    assert "feature_dims" not in points[0] and all(r["feature_dims"] >= 0 for r in points[1:])
+    assert all(0 <= r["knn_top1_k3"] <= 100 for r in points)
+    assert rows[-1]["mode"] == "mc" and rows[-1]["wall_s"] > 0
+    assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
