@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from downstream_fixtures import write_eurosat_rgb
 
 import utils
 from benchmarks import data_pipeline, health_overhead, learning_curve, matmul_rate, train_step
+from datasets.demo import write_seco_demo
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STEP = ["--arch", "vit_tiny", "--patch_size", "16", "--batch_size_per_gpu", "2", "--out_dim", "256"]
@@ -180,13 +182,9 @@ def test_learning_curve_refuses_the_flags_it_sets_per_run():
     assert learning_curve.pretrain_flags(args) == ["--arch", "vit_tiny", "--epochs", "2"]
 
 
-def test_learning_curve_writes_the_random_point_every_evaluation_and_the_figure(tmp_path, capsys):
+def test_learning_curve_writes_the_random_point_every_evaluation_and_the_figure(tmp_path):
     """One mode, one seed, two tiny epochs: the random baseline at step 0, an online k-NN with the health
     metric's feature dimensions after each epoch, a wall-time line, and the PNG."""
-    from downstream_fixtures import write_eurosat_rgb
-
-    from datasets.demo import write_seco_demo
-
     write_seco_demo(tmp_path / "data" / "seco", n_locations=4, n_acquisitions=2, seed=0)
     write_eurosat_rgb(tmp_path / "data" / "eurosat", {"Forest": 4, "River": 4, "SeaLake": 4}, size=32)
     flags = ["--arch", "vit_tiny", "--patch_size", "16", "--epochs", "2", "--batch_size_per_gpu", "4"]
