@@ -105,7 +105,7 @@ HEALTHY = {
         ({"teacher_entropy": 0.0, "teacher_batch_entropy": 0.05}, "one-prototype"),
         ({"prototypes_used": 1}, "one-prototype"),
         ({"feature_std": 0.01}, "features"),
-        ({"feature_dims": 1.3}, "dimensional"),
+        ({"feature_dims": 1.1}, "dimensional"),
     ],
 )
 def test_collapse_regimes_and_one_warning_line(change, regime):
@@ -121,6 +121,6 @@ def test_collapse_regimes_and_one_warning_line(change, regime):
 
 def test_dimensional_regime_needs_a_batch_that_can_show_two_dimensions():
     """Four images span at most three dimensions: their participation ratio says little, so no warning."""
-    stats = {**HEALTHY, "feature_dims": 1.3}
+    stats = {**HEALTHY, "feature_dims": 1.1}
     assert health.collapse_regime(stats, K, batch_size=health.MIN_BATCH_FOR_DIMS) == "dimensional"
     assert health.collapse_regime(stats, K, batch_size=4) is None
