@@ -302,7 +302,8 @@ def fit(
     ``scheduler`` is stepped once per epoch. ``checkpoint_module`` is what the checkpoints hold (default:
     the whole model; the linear probe saves only its classifier). Returns ``{"best": ..., "last": ...,
     "best_selected_on": ...}``, each entry ``{"epoch": int, "metrics": {...}}`` with the metrics of the
-    ``eval_split`` evaluated by ``eval_loader``; the same is written to ``output_dir/metrics.json``.
+    ``eval_split`` evaluated by ``eval_loader`` (logged per epoch as ``<eval_split>_<metric>``); the same is
+    written to ``output_dir/metrics.json``.
 
     Which split picks "best" (and ``checkpoint_best.pth``) is always recorded as ``best_selected_on``, since a
     best epoch picked on the split it is then reported on is an optimistic number: by default the evaluated
@@ -363,7 +364,7 @@ def fit(
 
         if utils.is_main_process():
             log_stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
-            log_stats.update({f"val_{k}": v for k, v in scalars(metrics).items()})
+            log_stats.update({f"{eval_split}_{k}": v for k, v in scalars(metrics).items()})
             if select_loader is not None:
                 log_stats.update({f"select_{k}": v for k, v in scalars(state["last"][selection_key]).items()})
             utils.append_json_log(log_path, log_stats)

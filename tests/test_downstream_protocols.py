@@ -140,13 +140,13 @@ def test_fit_selects_best_on_the_split_it_is_given_and_says_so(tmp_path):
     result = fit_toy(args, eval_split="test", select_loader=select, select_split="held_out")
     log = read_log(tmp_path / "held_out")
     select_best = max(range(4), key=lambda e: (log[e]["select_acc"], -e))
-    eval_best = max(range(4), key=lambda e: (log[e]["val_acc"], -e))
+    eval_best = max(range(4), key=lambda e: (log[e]["test_acc"], -e))
     assert select_best != eval_best
     metrics = json.loads((tmp_path / "held_out" / "metrics.json").read_text())
     assert (metrics["eval_split"], metrics["best_selected_on"]) == ("test", "held_out")
     assert metrics["best"]["epoch"] == result["best"]["epoch"] == select_best
     assert metrics["best"]["selection_metrics"]["acc"] == log[select_best]["select_acc"]
-    assert metrics["best"]["metrics"]["acc"] == log[select_best]["val_acc"]  # reported: the test metrics
+    assert metrics["best"]["metrics"]["acc"] == log[select_best]["test_acc"]  # reported: the test metrics
     assert torch.load(tmp_path / "held_out" / "checkpoint_best.pth", weights_only=False)["epoch"] == select_best + 1
 
     args = make_args(tmp_path / "default", epochs=4, lr=0.05)
@@ -189,7 +189,7 @@ def test_oscd_without_city_lists_and_best_selected_on_val_cities(tmp_path, capsy
     best = max(range(2), key=lambda e: (log[e]["select_f1"], -e))
     assert metrics["best"]["epoch"] == best and metrics["last"]["epoch"] == 1
     assert metrics["best"]["selection_metrics"]["f1"] == log[best]["select_f1"]
-    assert metrics["last"]["metrics"]["f1"] == log[1]["val_f1"]  # the result: the last epoch on test
+    assert metrics["last"]["metrics"]["f1"] == log[1]["test_f1"]  # the result: the last epoch on test
     assert any(f"Change class: precision {metrics['last']['metrics']['precision']:.4f}" in line for line in printed)
 
 
@@ -203,7 +203,7 @@ def test_oscd_default_and_published_selection(tmp_path):
     metrics = json.loads((tmp_path / "published" / "metrics.json").read_text())
     log = read_log(tmp_path / "published")
     assert metrics["best_selected_on"] == "test"
-    assert metrics["best"]["epoch"] == max(range(2), key=lambda e: (log[e]["val_f1"], -e))
+    assert metrics["best"]["epoch"] == max(range(2), key=lambda e: (log[e]["test_f1"], -e))
 
 
 @pytest.mark.parametrize(
