@@ -119,7 +119,10 @@ def run_cli(description: str, get_args_parser, main, argv: list[str] | None = No
     parser = argparse.ArgumentParser(description, parents=[get_args_parser()])
     args = parser.parse_args(argv)
     try:
-        main(args)
+        try:
+            main(args)
+        finally:
+            close_distributed()
     except (DataError, ConfigError) as err:
         fail(one_line(err))
 
@@ -129,6 +132,18 @@ def run_cli(description: str, get_args_parser, main, argv: list[str] | None = No
 
 def is_dist_avail_and_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def close_distributed() -> None:
+    """Destroy the process group, if there is one, before the process exits.
+
+    Why: a process that leaves it to interpreter shutdown can abort there (SIGABRT, "terminate called without
+    an active exception") while Gloo's worker threads still hold work (pytorch/pytorch#179291), so a run that
+    finished and wrote its checkpoint exits as failed, and torchrun or SLURM report the job as failed. NCCL
+    warns about the same since torch 2.4.
+    """
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
 
 
 def get_world_size() -> int:

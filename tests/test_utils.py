@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import platform
@@ -243,3 +244,24 @@ def test_resume_refuses_a_precision_change_and_another_model_in_one_line(tmp_pat
         utils.restart_from_checkpoint(path, model=torch.nn.Linear(2, 2, bias=False), scaler=torch.amp.GradScaler("cpu"))
     with pytest.raises(utils.ConfigError, match=r"does not fit this model \(1 missing \(first: bias\)\)"):
         utils.restart_from_checkpoint(path, model=torch.nn.Linear(2, 2), scaler=None)
+
+
+@pytest.mark.parametrize("outcome", ["finished", "config_error"])
+def test_run_cli_destroys_the_process_group_on_the_way_out(tmp_path, outcome):
+    # Left to interpreter shutdown, a Gloo process group can abort a finished run with SIGABRT.
+    def main(args):
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        if outcome == "config_error":
+            raise utils.ConfigError("--flag: bad")
+
+    try:
+        if outcome == "config_error":
+            with pytest.raises(SystemExit) as stopped:
+                utils.run_cli("test", lambda: argparse.ArgumentParser(add_help=False), main, [])
+            assert stopped.value.code == 2
+        else:
+            utils.run_cli("test", lambda: argparse.ArgumentParser(add_help=False), main, [])
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
