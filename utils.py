@@ -119,12 +119,11 @@ def run_cli(description: str, get_args_parser, main, argv: list[str] | None = No
     parser = argparse.ArgumentParser(description, parents=[get_args_parser()])
     args = parser.parse_args(argv)
     try:
-        try:
-            main(args)
-        finally:
-            close_distributed()
+        main(args)
     except (DataError, ConfigError) as err:
         fail(one_line(err))
+    finally:
+        close_distributed()
 
 
 # ============================================================================================ distributed
