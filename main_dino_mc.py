@@ -33,6 +33,7 @@ import vision_transformer as vits
 from datasets import eurosat
 from datasets.bands import parse_bands
 from datasets.seco import SeCoDataset
+from datasets.seco_store import SeCoStore, is_url
 from datasets.transforms import MultiCropAugmentation, eval_transform
 
 # Per-mode defaults of the crop flags (None on the command line = take these). mc/tp are the published
@@ -174,8 +175,22 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="tp: draw the three acquisitions with replacement (the published behaviour).",
     )
 
+    parser.add_argument(
+        "--shard_shuffle",
+        default=False,
+        type=utils.bool_flag,
+        help="Zarr store only: each epoch, every process reads a block of about 1/world of the store's shards "
+        "(blocks and order drawn from --seed and the epoch) instead of locations from the whole store.",
+    )
+
     # Misc
-    parser.add_argument("--data_path", default=None, type=str, help="Root of the SeCo-layout data.")
+    parser.add_argument(
+        "--data_path",
+        default=None,
+        type=str,
+        help="Root of the SeCo-layout GeoTIFF tree, or a Zarr store written by prepare_data.py (a path, or a URL "
+        "such as s3://bucket/seco.zarr with the matching fsspec package installed).",
+    )
     parser.add_argument("--output_dir", default="output_dir", type=str, help="Where logs and checkpoints go.")
     parser.add_argument("--saveckp_freq", default=20, type=int, help="Keep checkpointNNNN.pth every x epochs.")
     parser.add_argument(
@@ -231,9 +246,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.data_path is None:
-        raise ValueError("--data_path is required (a folder in the SeCo layout)")
-    if not Path(args.data_path).is_dir():
-        raise ValueError(f"--data_path {args.data_path} is not a folder")
+        raise ValueError("--data_path is required (a folder in the SeCo layout, or a store from prepare_data.py)")
+    if not is_url(args.data_path) and not Path(args.data_path).is_dir():
+        raise ValueError(f"--data_path {args.data_path} is not a folder (a SeCo-layout tree or a Zarr store)")
     args.bands = ",".join(parse_bands("RGB" if args.bands == "RGB_BANDS" else args.bands))
     utils.check_arch(args.arch, args.patch_size)  # fails early on an unknown --arch or ViT --patch_size
     if args.batch_size_per_gpu < 1 or args.epochs < 1:
@@ -345,14 +360,47 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         super().set_epoch(epoch)
         self.start = start_iteration * self.batch_size
 
-    def __iter__(self):
+    def rank_order(self) -> tuple[list[int], list[int]]:
+        """This rank's indices for the epoch and their positions in the epoch's global order."""
         indices = list(super().__iter__())  # this rank's share: positions rank, rank + world, rank + 2 world, ...
+        return indices, [self.rank + local * self.num_replicas for local in range(len(indices))]
+
+    def __iter__(self):
+        indices, positions = self.rank_order()
         for local in range(self.start, len(indices)):
-            position = self.rank + local * self.num_replicas
-            yield indices[local], utils.derive_seed("sample", self.seed, self.epoch, position)
+            yield indices[local], utils.derive_seed("sample", self.seed, self.epoch, positions[local])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+class ShardBlockSampler(ResumableSampler):
+    """``--shard_shuffle``: each epoch the store's shards are put in a shuffled order and cut into one block
+    per rank, and a rank draws its samples from its block only, in a shuffled order.
+
+    Why: on a shared file system or object storage a rank then opens about 1/world of the shard files per
+    epoch instead of all of them, and reads each from few processes. Both shuffles are drawn from (--seed,
+    epoch) and the rank, so the order stays a pure function of them and a resumed run continues exactly.
+    """
+
+    def __init__(self, dataset, shard_of_location: list[int], batch_size: int, **kwargs):
+        super().__init__(dataset, batch_size, **kwargs)
+        self.by_shard: dict[int, list[int]] = {}
+        for location, shard in enumerate(shard_of_location):
+            self.by_shard.setdefault(shard, []).append(location)
+
+    def rank_order(self) -> tuple[list[int], list[int]]:
+        shards = sorted(self.by_shard)
+        generator = torch.Generator().manual_seed(utils.derive_seed("shards", self.seed, self.epoch))
+        order = [
+            location for i in torch.randperm(len(shards), generator=generator) for location in self.by_shard[shards[i]]
+        ]
+        order = (order * -(-self.total_size // len(order)))[: self.total_size]  # equal shares, as DistributedSampler
+        first = self.rank * self.num_samples
+        block = order[first : first + self.num_samples]
+        generator.manual_seed(utils.derive_seed("block", self.seed, self.epoch, self.rank))
+        shuffled = torch.randperm(len(block), generator=generator).tolist()
+        return [block[i] for i in shuffled], [first + local for local in range(len(block))]
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -386,9 +434,14 @@ def build_data(args: argparse.Namespace) -> tuple[SeCoDataset, torch.utils.data.
         tp_with_replacement=args.tp_with_replacement,
         seed=args.seed,
     )
-    sampler = ResumableSampler(
-        dataset, args.batch_size_per_gpu, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed
-    )
+    ranks = {"num_replicas": args.world_size, "rank": args.rank, "shuffle": True, "seed": args.seed}
+    if args.shard_shuffle:
+        if not isinstance(dataset.source, SeCoStore):
+            raise utils.ConfigError(f"--shard_shuffle needs a Zarr store (prepare_data.py); {args.data_path} is a tree")
+        shards = [dataset.source.shard_of_location(i) for i in range(len(dataset))]
+        sampler = ShardBlockSampler(dataset, shards, args.batch_size_per_gpu, **ranks)
+    else:
+        sampler = ResumableSampler(dataset, args.batch_size_per_gpu, **ranks)
     loader = torch.utils.data.DataLoader(
         SeededSamples(dataset),
         sampler=sampler,

@@ -773,7 +773,7 @@ class Progress:
     (a log file gets a few readable lines instead of a bar redrawn thousands of times); rank 0 only.
 
     Wraps an iterable (``for batch in Progress(loader, "features", 10)``) or counts ``update()`` calls
-    (``Progress(None, "packed", 1000, total=n)``).
+    (``Progress(None, "store locations", 1000, total=n)``).
     """
 
     def __init__(self, iterable: Iterable | None, desc: str, print_freq: int, total: int | None = None):
@@ -793,17 +793,20 @@ class Progress:
             self.update()
         self.close()
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, info: str = "") -> None:
+        """Count ``n`` more items; ``info`` (rates, ratios) is shown after the counts."""
         before, self.count = self.count, self.count + n
         crossed = self.count // self.print_freq > before // self.print_freq
         if self.bar is not None:
+            if info:
+                self.bar.set_postfix_str(info, refresh=False)
             self.bar.update(n)
-        elif is_main_process() and (crossed or self.count == self.total):
+        elif is_main_process() and self.count > 0 and (crossed or self.count == self.total):
             elapsed = time.time() - self.start
             eta = elapsed / self.count * max(self.total - self.count, 0)
             print(
                 f"{self.desc} [{self.count}/{self.total}] eta: {datetime.timedelta(seconds=int(eta))} "
-                f"elapsed: {datetime.timedelta(seconds=int(elapsed))}",
+                f"elapsed: {datetime.timedelta(seconds=int(elapsed))}{', ' + info if info else ''}",
                 flush=True,
             )
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import main_dino_mc
+import prepare_data
 from datasets.demo import write_seco_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +75,26 @@ def test_one_epoch_each_mode(seco_root, tmp_path, arch, mode, n_teacher, n_crops
     (log,) = read_log(tmp_path)
     assert log["epoch"] == 0 and 0 < log["train_loss"] < 20
     assert (tmp_path / "checkpoint0000.pth").is_file()
+
+
+@pytest.fixture(scope="module")
+def seco_store(seco_root, tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("store") / "seco.zarr"
+    prepare_data.run(["--data_path", str(seco_root), "--output_path", str(store), "--bands", "ALL"])
+    return store
+
+
+@pytest.mark.parametrize("mode", ["mc", "tp"])
+@pytest.mark.parametrize("bands", ["RGB", "ALL"])
+def test_the_store_trains_the_trees_teacher_bit_for_bit(seco_root, seco_store, tmp_path, mode, bands):
+    teachers = []
+    for source in (seco_root, seco_store):
+        out = tmp_path / Path(source).name
+        main_dino_mc.run(tiny_args(source, out, "--data_mode", mode, "--bands", bands, "--out_dim", "64"))
+        teachers.append(torch.load(out / "checkpoint.pth")["teacher"])
+    tree, store = teachers
+    assert tree.keys() == store.keys()
+    assert all(torch.equal(tree[k], store[k]) for k in tree)
 
 
 def test_multispectral_bands_and_small_crops(seco_root, tmp_path, monkeypatch):

@@ -1,170 +1,180 @@
-"""prepare_data.py and packed SeCo data: same samples as the tree, atomic writing, clear errors for bad packs."""
+"""prepare_data.py: parallel, resumable writing (kills, job-array ranges, damaged shards), and bad input."""
 
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import prepare_data
 from datasets import DataError
-from datasets.pack import INDEX, MANIFEST, PIXELS, SeCoPack
 from datasets.seco import SeCoDataset
-from tests.fixtures import acquisition_id, write_band_layout, write_preview_layout, write_tif
+from datasets.seco_store import shard_key
+from datasets.seco_store_writer import PROGRESS
+from tests.fixtures import acquisition_id, write_band_layout, write_tif
+from tests.test_robustness import killed_at_rename
+from tests.test_seco_store import SHARD, assert_same_images, varied, write_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 
-
-def pack(tree: Path, output: Path, bands: str = "RGB") -> Path:
-    prepare_data.run(["--data_path", str(tree), "--output_path", str(output), "--bands", bands])
-    return output
+N_SHARDS = 5  # 3 locations x 3 acquisitions, 2 per shard
 
 
-def assert_same_dataset(tree: Path, packed: Path, bands: str) -> None:
-    a, b = SeCoDataset(tree, bands=bands), SeCoDataset(packed, bands=bands)
-    assert a.locations == b.locations
-    for i in range(len(a)):
-        assert a.acquisition_names(i) == b.acquisition_names(i)
-        for k in range(len(a.acquisition_names(i))):
-            loaded = b.load(i, k)
-            assert torch.equal(loaded, a.load(i, k)) and loaded.is_contiguous()
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = write_band_layout(tmp_path_factory.mktemp("tree") / "tree", n_locations=3, n_acquisitions=3)
+    return varied(root, "*/*/B[2348].tif")
 
 
-@pytest.fixture
-def band_tree(tmp_path: Path) -> Path:
-    """Band folders with varied pixels (the fixtures' constant images would hide a mixed-up offset)."""
-    root = write_band_layout(tmp_path / "tree", n_locations=3, n_acquisitions=3)
-    rng = np.random.default_rng(0)
-    for path in sorted(root.glob("*/*/B[2348].tif")):
-        write_tif(path, rng.integers(0, 256, (24, 24), dtype=np.uint8))
-    return root
+def shard_files(store: Path) -> dict[str, int]:
+    """Every shard file and its modification time in ns (a rewritten file gets a new one)."""
+    return {p.relative_to(store).as_posix(): p.stat().st_mtime_ns for p in store.glob("*/c/**/*") if p.is_file()}
 
 
-@pytest.mark.parametrize("bands", ["RGB", "B8,B2", "ALL"])
-def test_all_band_pack_gives_the_trees_samples_for_any_subset(band_tree, tmp_path, bands):
-    packed = pack(band_tree, tmp_path / "all.pack", "ALL")
-    assert_same_dataset(band_tree, packed, bands)
+def run(tree: Path, output: Path, *extra: str) -> None:
+    prepare_data.run(["--data_path", str(tree), "--output_path", str(output), "--shard_size", str(SHARD), *extra])
 
 
-def test_pack_without_a_10m_band_holds_the_10m_grid(band_tree, tmp_path):
-    """--bands B5,B6 (20 m, 12 px files) packs 24x24 images, C x H x W bytes each, equal to the tree's samples."""
-    packed = pack(band_tree, tmp_path / "b5b6.pack", "B5,B6")
-    store = SeCoPack(packed)
-    assert all(store.read(i, k)[0].shape == (2, 24, 24) for i in range(3) for k in range(3))
-    assert (packed / PIXELS).stat().st_size == 3 * 3 * 2 * 24 * 24
-    assert_same_dataset(band_tree, packed, "B5,B6")
-    assert_same_dataset(band_tree, packed, "B6")
+def test_two_workers_write_the_same_store_as_one(tree, tmp_path, capsys):
+    one, two = (
+        write_store(tree, tmp_path / "one.zarr"),
+        write_store(tree, tmp_path / "two.zarr", "RGB", "--workers", "2"),
+    )
+    for key in shard_files(one):
+        assert (one / key).read_bytes() == (two / key).read_bytes()
+    assert_same_images(tree, two, "RGB")
+    assert "two.zarr is complete (5 shards); train with --data_path" in capsys.readouterr().out
 
 
-def test_rgb_pack_of_previews_keeps_them_unstretched(tmp_path):
-    tree = write_preview_layout(tmp_path / "tree", n_locations=2, n_acquisitions=3)
-    assert_same_dataset(tree, pack(tree, tmp_path / "rgb.pack"), "RGB")
+def test_progress_shows_rates_ratio_and_eta(tree, tmp_path, capsys):
+    run(tree, tmp_path / "s.zarr", "--print_every", "1")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("store locations")]
+    assert len(lines) >= 3 and lines[-1].startswith("store locations [3/3] eta: 0:00:00")
+    assert re.search(r"[\d.]+ locations/s, [\d.]+ MB/s, compression [\d.]+x$", lines[-1])
 
 
-def test_sampling_and_augmented_samples_match_the_tree(band_tree, tmp_path):
-    packed = pack(band_tree, tmp_path / "rgb.pack")
-    for mode in ("mc", "tp"):
-        a = SeCoDataset(band_tree, data_mode=mode, fixed_acquisition=mode == "mc", seed=3)
-        b = SeCoDataset(packed, data_mode=mode, fixed_acquisition=mode == "mc", seed=3)
-        torch.manual_seed(1)
-        expected = [a[i] for i in range(len(a))]
-        torch.manual_seed(1)
-        for got, want in zip([b[i] for i in range(len(b))], expected):
-            assert all(torch.equal(x, y) for x, y in zip(got, want))
+def test_a_complete_store_is_never_rewritten(tree, tmp_path, capsys):
+    store = write_store(tree, tmp_path / "s.zarr")
+    before = shard_files(store)
+    run(tree, store, "--bands", "RGB")
+    assert "s.zarr is complete (5 shards)" in capsys.readouterr().out
+    assert shard_files(store) == before
 
 
-def test_pack_pickles_without_its_memory_map(band_tree, tmp_path):
-    dataset = SeCoDataset(pack(band_tree, tmp_path / "rgb.pack"))
-    first = dataset.load(1, 2)
-    clone = pickle.loads(pickle.dumps(dataset))
-    assert dataset._pack._pixels is not None and clone._pack._pixels is None
-    assert torch.equal(clone.load(1, 2), first)
+def test_killed_writer_reruns_only_the_shards_not_recorded(tree, tmp_path):
+    store = tmp_path / "s.zarr"
+    args = ["--data_path", str(tree), "--output_path", str(store), "--shard_size", str(SHARD)]
+    killed_at_rename("2.json", "prepare_data.py", *args)  # shard 2 written, its record never renamed into place
+    assert sorted(p.name for p in (store / PROGRESS).glob("*.json")) == ["0.json", "1.json"]
+    with pytest.raises(DataError, match=rf"{store} is an incomplete store.*finish it with python prepare_data.py"):
+        SeCoDataset(store)
+    before = shard_files(store)
+    run(tree, store)
+    after = shard_files(store)
+    for key in (shard_key("10m", 0), shard_key("10m", 1)):
+        assert after[key] == before[key]  # recorded and intact: not rewritten
+    assert after[shard_key("10m", 2)] != before[shard_key("10m", 2)]
+    assert_same_images(tree, store, "RGB")
 
 
-def test_bands_missing_from_the_pack_name_the_fix(band_tree, tmp_path):
-    packed = pack(band_tree, tmp_path / "rgb.pack")
-    with pytest.raises(DataError, match="holds bands B4,B3,B2, not B8: .*prepare_data.py --bands B4,B8"):
-        SeCoDataset(packed, bands="B4,B8")
+def test_job_array_ranges_with_overlap_and_gaps(tree, tmp_path, capsys):
+    overlapping = tmp_path / "overlap.zarr"
+    run(tree, overlapping, "--shard_range", "0:3")
+    run(tree, overlapping, "--shard_range", "2:99")  # overlaps shard 2; the range is clipped to the store
+    assert_same_images(tree, overlapping, "RGB")
+
+    gaps = tmp_path / "gaps.zarr"
+    run(tree, gaps, "--shard_range", "0:2")
+    run(tree, gaps, "--shard_range", "3:5")
+    out = capsys.readouterr().out
+    assert "shards 3:5 written; 1 of 5 shards still missing (first: 2); finish with python prepare_data.py" in out
+    with pytest.raises(DataError, match="is an incomplete store"):
+        SeCoDataset(gaps)
+    before = shard_files(gaps)
+    run(tree, gaps, "--shard_range", "2:3")
+    assert "gaps.zarr is complete" in capsys.readouterr().out
+    assert {k: v for k, v in shard_files(gaps).items() if "/c/2/" not in k} == {
+        k: v for k, v in before.items() if "/c/2/" not in k
+    }
+    assert_same_images(tree, gaps, "RGB")
 
 
-def test_existing_output_is_refused_and_left_alone(band_tree, tmp_path, capsys):
-    packed = pack(band_tree, tmp_path / "rgb.pack")
-    before = (packed / PIXELS).read_bytes()
+def test_a_truncated_shard_is_rewritten_by_a_rerun(tree, tmp_path):
+    store = write_store(tree, tmp_path / "s.zarr")
+    shard = store / shard_key("10m", 3)
+    shard.write_bytes(shard.read_bytes()[:-5])
+    run(tree, store)
+    assert_same_images(tree, store, "RGB")
+
+
+def test_a_corrupted_shard_is_rewritten_by_verify(tree, tmp_path, capsys):
+    store = write_store(tree, tmp_path / "s.zarr")
+    shard = store / shard_key("10m", 3)
+    data = bytearray(shard.read_bytes())
+    data[5] ^= 0x01
+    shard.write_bytes(bytes(data))
+    before = shard_files(store)
+    run(tree, store)  # same size: the cheap check of a complete store does not see it
+    assert "is complete" in capsys.readouterr().out and shard_files(store) == before
+    run(tree, store, "--verify")
+    rewritten = [key for key, mtime in shard_files(store).items() if mtime != before[key]]
+    assert rewritten == [shard_key("10m", 3)]
+    assert_same_images(tree, store, "RGB")
+
+
+def one_line_exit_2(capsys, tree: Path, output: Path, *extra: str) -> str:
     with pytest.raises(SystemExit) as exc:
-        pack(band_tree, packed)
-    assert exc.value.code == 2 and "already exists" in capsys.readouterr().err
-    assert (packed / PIXELS).read_bytes() == before
+        run(tree, output, *extra)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    return err
 
 
-def test_a_failed_run_leaves_neither_pack_nor_partial_folder(band_tree, tmp_path, capsys):
-    broken = band_tree / "000002" / acquisition_id(1) / "B3.tif"
-    broken.write_bytes(broken.read_bytes()[:300])
-    with pytest.raises(SystemExit) as exc:
-        pack(band_tree, tmp_path / "rgb.pack")
-    assert exc.value.code == 2 and str(broken) in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
-
-
-def test_a_leftover_partial_folder_is_replaced(band_tree, tmp_path):
-    leftover = tmp_path / ".rgb.pack.partial"
-    leftover.mkdir()
-    (leftover / PIXELS).write_bytes(b"stale")
-    assert_same_dataset(band_tree, pack(band_tree, tmp_path / "rgb.pack"), "RGB")
-    assert not leftover.exists()
-
-
-def _truncate_pixels(root: Path) -> None:
-    data = (root / PIXELS).read_bytes()
-    (root / PIXELS).write_bytes(data[:-10])
-
-
-def _drop_manifest(root: Path) -> None:
-    (root / MANIFEST).unlink()
-
-
-def _bad_index(root: Path) -> None:
-    np.save(root / INDEX, np.zeros((2, 4), dtype=np.int64))
-
-
-def _not_json(root: Path) -> None:
-    (root / MANIFEST).write_text("{ truncated")
+def test_an_output_path_holding_something_else_is_refused(tree, tmp_path, capsys):
+    other = tmp_path / "results"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert "is not a store written by prepare_data.py" in one_line_exit_2(capsys, tree, other)
+    assert (other / "notes.txt").read_text() == "mine" and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    store = write_store(tree, tmp_path / "rgb.zarr")
+    before = shard_files(store)
+    err = one_line_exit_2(capsys, tree, store, "--bands", "ALL")
+    assert "holds a store of another tree, other bands or another shard size" in err
+    assert shard_files(store) == before
 
 
 @pytest.mark.parametrize(
-    "damage, reason",
+    "flag, value, message",
     [
-        (_truncate_pixels, f"{PIXELS} is \\d+ bytes, expected \\d+ bytes"),
-        (_drop_manifest, f"{MANIFEST} is missing"),
-        (_bad_index, f"{INDEX} has shape \\(2, 4\\), expected \\(9, 4\\)"),
-        (_not_json, f"unreadable {MANIFEST}: Expecting .*"),
+        ("--shard_range", "3", "--shard_range must be I:J"),
+        ("--shard_range", "3:2", "expected 0 <= I < J"),
+        ("--shard_range", "7:9", "the store has 5 shards (0 to 4)"),
+        ("--workers", "0", "--workers must be >= 1"),
+        ("--shard_size", "0", "--shard_size must be >= 1"),
+        ("--bands", "B4,B13", "--bands"),
     ],
 )
-def test_damaged_pack_is_one_clear_error(band_tree, tmp_path, damage, reason):
-    packed = pack(band_tree, tmp_path / "rgb.pack")
-    damage(packed)
-    message = f"packed SeCo data {re.escape(str(packed))} is incomplete or damaged \\({reason}\\); run prepare_data.py"
-    with pytest.raises(DataError, match=message):
-        SeCoDataset(packed)
+def test_bad_arguments_exit_2(tree, tmp_path, capsys, flag, value, message):
+    assert message in one_line_exit_2(capsys, tree, tmp_path / "x.zarr", flag, value)
+    assert not (tmp_path / "x.zarr").exists()
 
 
-def test_other_format_versions_are_refused(band_tree, tmp_path):
-    packed = pack(band_tree, tmp_path / "rgb.pack")
-    manifest = json.loads((packed / MANIFEST).read_text())
-    (packed / MANIFEST).write_text(json.dumps({**manifest, "version": 99}))
-    with pytest.raises(DataError, match="format version 99; this code reads version 1"):
-        SeCoPack(packed)
+def test_bad_trees_are_one_line(tree, tmp_path, capsys):
+    assert "does not exist" in one_line_exit_2(capsys, tmp_path / "nowhere", tmp_path / "x.zarr")
+    broken = write_band_layout(tmp_path / "broken", n_locations=2, n_acquisitions=2)
+    band = broken / "000001" / acquisition_id(1) / "B3.tif"
+    band.write_bytes(band.read_bytes()[:300])
+    assert str(band) in one_line_exit_2(capsys, broken, tmp_path / "b.zarr")
+    # What was written before the bad file stays recorded; the store is not usable until finished.
+    assert json.loads((tmp_path / "b.zarr" / "zarr.json").read_text())["attributes"]["dino_mc"]["complete"] is False
 
 
-def test_bad_arguments_exit_2(band_tree, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        pack(band_tree, tmp_path / "x.pack", bands="B4,B13")
-    assert exc.value.code == 2 and "--bands" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        pack(tmp_path / "nowhere", tmp_path / "x.pack")
-    assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
-    assert not (tmp_path / "x.pack").exists()
+def test_an_acquisition_of_another_size_is_named(tmp_path, capsys):
+    tree = write_band_layout(tmp_path / "tree", n_locations=2, n_acquisitions=2)
+    odd = tree / "000001" / acquisition_id(0) / "B4.tif"
+    write_tif(odd, torch.zeros(30, 30, dtype=torch.uint8).numpy())
+    err = one_line_exit_2(capsys, tree, tmp_path / "s.zarr")
+    assert f"{odd.parent}: band B4 is 30x30 uint8" in err and "train on the tree itself" in err

@@ -16,7 +16,7 @@ from datasets.demo import write_seco_demo
 from tests.test_eval_knn import TINY, rgb_root  # noqa: F401 (a module fixture)
 from tests.test_pretrained import http_root  # noqa: F401 (a local http.server fixture)
 
-LINE = re.compile(r"^(?P<desc>.+) \[(?P<done>\d+)/(?P<total>\d+)\] eta: \d+:\d\d:\d\d elapsed: \d+:\d\d:\d\d$")
+LINE = re.compile(r"^(?P<desc>.+) \[(?P<done>\d+)/(?P<total>\d+)\] eta: \d+:\d\d:\d\d elapsed: \d+:\d\d:\d\d(, .+)?$")
 
 
 def progress_lines(text: str) -> list[tuple[str, int, int]]:
@@ -31,11 +31,11 @@ def test_a_line_every_print_freq_items_and_at_the_end(capsys):
 
 
 def test_update_counts_batches_of_items(capsys):
-    progress = utils.Progress(None, "packed", print_freq=10, total=25)
+    progress = utils.Progress(None, "written", print_freq=10, total=25)
     for _ in range(5):
         progress.update(5)
     progress.close()
-    assert progress_lines(capsys.readouterr().out) == [("packed", 10, 25), ("packed", 20, 25), ("packed", 25, 25)]
+    assert progress_lines(capsys.readouterr().out) == [("written", 10, 25), ("written", 20, 25), ("written", 25, 25)]
 
 
 def test_a_bar_on_a_terminal(capsys, monkeypatch):
@@ -51,10 +51,11 @@ def test_silent_on_other_ranks(capsys, monkeypatch):
     assert capsys.readouterr() == ("", "")
 
 
-def test_packing_and_demo_data_report_progress(tmp_path, capsys):
+def test_store_writing_and_demo_data_report_progress(tmp_path, capsys):
     tree = write_seco_demo(tmp_path / "seco", n_locations=3, n_acquisitions=1, print_freq=2)
     assert progress_lines(capsys.readouterr().out) == [("SeCo demo locations", 2, 3), ("SeCo demo locations", 3, 3)]
-    prepare_data.run(["--data_path", str(tree), "--output_path", str(tmp_path / "p.pack"), "--print_every", "1"])
+    store = ["--output_path", str(tmp_path / "s.zarr"), "--shard_size", "1", "--print_every", "1"]
+    prepare_data.run(["--data_path", str(tree), *store])
     assert [done for _, done, _ in progress_lines(capsys.readouterr().out)] == [1, 2, 3]
 
 
