@@ -11,11 +11,13 @@ the shard sizes and checksums) are written last, by whichever run finds every sh
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
+from zarr.errors import ContainsArrayError
 
 import utils
 from datasets import DataError
@@ -194,9 +197,8 @@ class StoreWriter:
                 name, channel = slots[band]
                 buffers[name][position - lo, channel] = values
         files = self.shard_files(shard)
-        for path in files.values():  # a partial file of a killed run, or a damaged one, is not merged into
-            if path.parent.exists():
-                shutil.rmtree(path.parent)
+        for path in files.values():  # a damaged file is replaced, never read and merged into
+            path.unlink(missing_ok=True)
         for name, array in self._arrays.items():
             array[lo:hi] = buffers[name]
         record = {}
@@ -246,25 +248,34 @@ def _init_worker(writer: StoreWriter) -> None:
     _WORKER = writer
 
 
-def _write_in_worker(shard: int) -> ShardResult:
+def _in_worker(method: str, shard: int):
     assert _WORKER is not None
-    return _WORKER.write(shard)
+    return getattr(_WORKER, method)(shard)
 
 
-def run_shards(writer: StoreWriter, shards: list[int], workers: int) -> Iterator[ShardResult]:
-    """Write ``shards`` with ``workers`` processes (in this one for 1), yielding each result as it completes.
+@contextlib.contextmanager
+def worker_pool(writer: StoreWriter, workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
+    """``workers`` processes for the shards (None: this process alone).
 
-    Workers are forked from a forkserver that imported this module once: they start in a fraction of a second
-    and inherit no thread of this process (Zarr's I/O thread), which a plain fork would copy half-alive.
+    They are forked before this process starts any thread (Zarr's I/O thread starts with the first Zarr call),
+    so they begin at once, with the writer and the tree's index already in memory, and copy no half-alive
+    thread. Where fork does not exist they are spawned and receive the writer pickled.
     """
-    if workers == 1 or len(shards) <= 1:
-        for shard in shards:
-            yield writer.write(shard)
+    if workers == 1:
+        yield None
         return
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    with context.Pool(min(workers, len(shards)), initializer=_init_worker, initargs=(writer,)) as pool:
-        yield from pool.imap_unordered(_write_in_worker, shards)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers, _init_worker, (writer,)) as pool:
+        yield pool
+
+
+def run_shards(writer: StoreWriter, pool, method: str, shards: list[int], ordered: bool = True) -> Iterator:
+    """``writer.<method>(shard)`` for every shard, in ``pool`` when there is one; in the order of ``shards``,
+    or as they complete."""
+    if pool is None:
+        return (getattr(writer, method)(shard) for shard in shards)
+    imap = pool.imap if ordered else pool.imap_unordered
+    return imap(functools.partial(_in_worker, method), shards)
 
 
 def _create_skeleton(plan: StorePlan, output: Path, source: str) -> None:
@@ -277,17 +288,23 @@ def _create_skeleton(plan: StorePlan, output: Path, source: str) -> None:
             continue
         height, width = plan.shapes[name]
         shape = (plan.n_acquisitions, len(members), height, width)
-        group.create_array(
-            name,
-            shape=shape,
-            dtype=plan.dtypes[name],
-            chunks=(1, *shape[1:]),
-            shards=(plan.shard_size, *shape[1:]),
-            serializer=BytesCodec(),
-            compressors=[compressor(plan.dtypes[name]), Crc32cCodec()],
-            fill_value=0,
-            dimension_names=("acquisition", "band", "y", "x"),
-        )
+        with contextlib.suppress(ContainsArrayError):  # another task of a job array created it meanwhile
+            _create_array(group, name, shape, plan.dtypes[name], plan.shard_size)
+
+
+def _create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str, shard_size: int) -> None:
+    """One band group's array: a chunk per acquisition, shards of ``shard_size`` acquisitions."""
+    group.create_array(
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=(1, *shape[1:]),
+        shards=(shard_size, *shape[1:]),
+        serializer=BytesCodec(),
+        compressors=[compressor(dtype), Crc32cCodec()],
+        fill_value=0,
+        dimension_names=("acquisition", "band", "y", "x"),
+    )
 
 
 def _attributes(plan: StorePlan, source: str, complete: bool, shards: dict | None = None) -> dict:
@@ -373,11 +390,16 @@ def write_store(
         damaged = [s for s in shards if not _files_match(writer, s, attributes["shards"])]
         if not damaged:
             return f"{output} is complete ({plan.n_shards} shards); train with --data_path {output}"
-    _create_skeleton(plan, output, source)
-    todo = [s for s in shards if not writer.is_recorded(s)]
-    if todo and attributes is not None and attributes.get("complete"):
-        zarr.open_group(output, mode="r+").attrs.put({ATTRIBUTES: _attributes(plan, source, complete=False)})
-    _write_with_progress(writer, todo, workers, print_every)
+    with worker_pool(writer, workers) as pool:
+        _create_skeleton(plan, output, source)
+        if shard_range is None:  # the only writer: temporary files of killed writers can go
+            for leftover in output.glob("*/c/**/*.partial"):
+                leftover.unlink(missing_ok=True)
+        recorded = run_shards(writer, pool, "is_recorded", list(shards))
+        todo = [shard for shard, done in zip(shards, recorded) if not done]
+        if todo and attributes is not None and attributes.get("complete"):
+            zarr.open_group(output, mode="r+").attrs.put({ATTRIBUTES: _attributes(plan, source, complete=False)})
+        _write_with_progress(writer, pool, todo, print_every)
     missing = [s for s in range(plan.n_shards) if not writer.record_path(s).is_file()]
     if missing:
         return (
@@ -399,14 +421,14 @@ def _files_match(writer: StoreWriter, shard: int, records: dict) -> bool:
     return True
 
 
-def _write_with_progress(writer: StoreWriter, todo: list[int], workers: int, print_every: int) -> None:
+def _write_with_progress(writer: StoreWriter, pool, todo: list[int], print_every: int) -> None:
     """Run the shards, with progress in locations and locations/s, MB/s read, compression ratio and ETA."""
     if not todo:
         return
     total = sum(writer.locations_in(s) for s in todo)
     progress = utils.Progress(None, "store locations", print_every, total=total)
     start, raw, stored = time.time(), 0, 0
-    for result in run_shards(writer, todo, workers):
+    for result in run_shards(writer, pool, "write", todo, ordered=False):
         raw, stored = raw + result.raw_bytes, stored + result.stored_bytes
         elapsed = max(time.time() - start, 1e-9)
         rate = f"{(progress.count + result.locations) / elapsed:.1f} locations/s, {raw / elapsed / 1e6:.1f} MB/s"

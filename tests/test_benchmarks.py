@@ -13,7 +13,7 @@ import torch
 from downstream_fixtures import write_eurosat_rgb
 
 import utils
-from benchmarks import data_pipeline, health_overhead, learning_curve, matmul_rate, train_step
+from benchmarks import data_pipeline, health_overhead, learning_curve, matmul_rate, seco_store, train_step
 from datasets.demo import write_seco_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,6 +145,30 @@ def test_data_pipeline_stores_only_the_timed_locations(tmp_path):
     tree, store = data_pipeline.SeCoDataset(root), data_pipeline.SeCoDataset(stored)
     assert store.locations == tree.locations[:2]
     assert torch.equal(store.load(1, 1), tree.load(1, 1))
+
+
+def test_seco_store_benchmark_reports_every_measure(capsys):
+    """The store benchmark's plumbing on tiny data (the cold read drops the page cache, so it is left out)."""
+    measures = ["size", "write", "resume", "startup", "locality"]
+    args = ["--n_locations", "4", "--shard_size", "4", "--startup_acquisitions", "50", "--measures", *measures]
+    seco_store.run(args)
+    results = {r["measure"]: r for r in json_lines(capsys)}
+    assert list(results) == measures
+    size = results["size"]
+    assert size["acquisitions"] == 20 and size["tree_files_per_1000_locations"] == 65000.0  # 5 x (12 bands + json)
+    for bands, channels in (("RGB", 3), ("ALL", 12)):
+        assert size[bands]["pack_bytes_per_acquisition"] == channels * 264 * 264
+        assert 0 < size[bands]["store_over_pack"] < 1  # native resolution and compression
+        per_acq = size[bands]["store_bytes_per_acquisition"]
+        assert size[bands]["seco_1m_store_gb"] == pytest.approx(per_acq * 1e6 / 1e9, rel=0.01)
+    assert results["write"]["one_worker_s"] > 0 and results["write"]["two_workers_s"] > 0
+    resume = results["resume"]
+    assert resume["killed"] and resume["shards"] == 5 and 2 <= resume["recorded_before_kill"] < 5
+    startup = results["startup"]
+    assert startup["acquisitions"] == 50 and startup["locations"] == 10 and startup["spawned_worker_pickle_mb"] >= 0
+    locality = results["locality"]
+    assert len(locality["shard_shuffle"]) == len(locality["global_shuffle"]) == 4
+    assert all(0 < rank["shard_files_opened"] <= locality["shards"] for rank in locality["shard_shuffle"])
 
 
 def test_pil_baseline_makes_the_same_crops():

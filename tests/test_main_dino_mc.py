@@ -97,6 +97,15 @@ def test_the_store_trains_the_trees_teacher_bit_for_bit(seco_root, seco_store, t
     assert all(torch.equal(tree[k], store[k]) for k in tree)
 
 
+def test_shard_shuffle_trains_on_a_store_and_is_refused_on_a_tree(seco_root, seco_store, tmp_path, capsys):
+    main_dino_mc.run(tiny_args(seco_store, tmp_path / "store", "--shard_shuffle", "true"))
+    assert torch.load(tmp_path / "store" / "checkpoint.pth")["epoch"] == 1
+    with pytest.raises(SystemExit) as exc:
+        main_dino_mc.run(tiny_args(seco_root, tmp_path / "tree", "--shard_shuffle", "true"))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--shard_shuffle needs a Zarr store (prepare_data.py)" in err
+
+
 def test_multispectral_bands_and_small_crops(seco_root, tmp_path, monkeypatch):
     sizes = []
     original = main_dino_mc.train_one_epoch

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from tests.test_seco_store import SHARD, assert_same_images, varied, write_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 
+REPO = Path(__file__).resolve().parents[1]
 N_SHARDS = 5  # 3 locations x 3 acquisitions, 2 per shard
 
 
@@ -100,6 +103,21 @@ def test_job_array_ranges_with_overlap_and_gaps(tree, tmp_path, capsys):
         k: v for k, v in before.items() if "/c/2/" not in k
     }
     assert_same_images(tree, gaps, "RGB")
+
+
+def test_job_array_tasks_running_at_once_with_overlapping_ranges(tree, tmp_path):
+    """Two tasks start together on one new store and both write shard 2: the store is whole and the tree's."""
+    store = tmp_path / "s.zarr"
+    flags = ["--data_path", str(tree), "--output_path", str(store), "--shard_size", str(SHARD)]
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, "prepare_data.py", *flags, "--shard_range", r], cwd=REPO, stderr=subprocess.PIPE
+        )
+        for r in ("0:3", "2:5")
+    ]
+    for task in tasks:
+        assert task.wait(timeout=120) == 0, task.stderr.read().decode()[-2000:]
+    assert_same_images(tree, store, "RGB")
 
 
 def test_a_truncated_shard_is_rewritten_by_a_rerun(tree, tmp_path):
