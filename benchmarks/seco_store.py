@@ -5,6 +5,10 @@
 
 One JSON line per measure (``"measure"`` names it):
 
+- ``codecs``: lossless codecs on the tree's band files as stored (uint8 for SeCo): compression ratio and
+  encode / decode MB/s of one process, per codec and level (the store uses zstd 3 for uint8).
+- ``shard_sizes``: for several acquisitions per shard, write time, shard files and their mean size, and the
+  CPU time to read an acquisition in random order (the store's default is 256).
 - ``size``: stored bytes per acquisition for RGB and the 12 bands against the pack of earlier versions
   (C x 264 x 264 bytes, every band upsampled to the 10 m grid) and SeCo's published zips, projected to
   SeCo-100K (100,000 acquisitions) and SeCo-1M (1,000,000); files per 1,000 locations for tree and store.
@@ -46,7 +50,7 @@ from datasets.seco_store_writer import write_store  # noqa: E402
 from datasets.seco_tree import SeCoTree  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MEASURES = ("size", "write", "resume", "cold_read", "startup", "locality")
+MEASURES = ("codecs", "shard_sizes", "size", "write", "resume", "cold_read", "startup", "locality")
 SECO_10M_PIXELS = 264 * 264
 PUBLISHED_ZIP_BYTES = {"seco_100k": 7.3e9, "seco_1m": 36.3e9}  # Zenodo record 4728033
 SECO_ACQUISITIONS = {"seco_100k": 100_000, "seco_1m": 1_000_000}
@@ -78,6 +82,58 @@ def write(tree: Path, output: Path, bands: str, shard_size: int, workers: int = 
     with contextlib.redirect_stdout(sys.stderr):
         write_store(SeCoTree(tree, parse_bands(bands)), output, shard_size, workers)
     return time.perf_counter() - start
+
+
+def measure_codecs(tree: Path, tmp: Path, shard_size: int) -> dict:
+    import numcodecs
+
+    from datasets.io import read_band
+
+    bands = [read_band(path) for path in sorted(tree.glob("*/*/B*.tif"))[:600]]
+    raw = sum(band.nbytes for band in bands)
+    codecs = {
+        "zstd1": numcodecs.Zstd(1),
+        "zstd3": numcodecs.Zstd(3),
+        "zstd9": numcodecs.Zstd(9),
+        "blosc_zstd3_shuffle": numcodecs.Blosc("zstd", 3, numcodecs.Blosc.SHUFFLE),
+        "blosc_zstd3_bitshuffle": numcodecs.Blosc("zstd", 3, numcodecs.Blosc.BITSHUFFLE),
+        "blosc_lz4_5_shuffle": numcodecs.Blosc("lz4", 5, numcodecs.Blosc.SHUFFLE),
+    }
+    result = {"measure": "codecs", "dtype": str(bands[0].dtype), "band_files": len(bands)}
+    for name, codec in codecs.items():
+        start = time.process_time()
+        encoded = [codec.encode(np.ascontiguousarray(band)) for band in bands]
+        encode_s, start = time.process_time() - start, time.process_time()
+        for data in encoded:
+            codec.decode(data)
+        decode_s = time.process_time() - start
+        result[name] = {
+            "ratio": round(raw / sum(len(e) for e in encoded), 2),
+            "encode_mb_s": round(raw / encode_s / 1e6),
+            "decode_mb_s": round(raw / decode_s / 1e6),
+        }
+    return result
+
+
+def measure_shard_sizes(tree: Path, tmp: Path, shard_size: int) -> dict:
+    result = {"measure": "shard_sizes", "bands": "ALL"}
+    for size in (16, 64, 256):
+        store = tmp / f"shards_{size}.zarr"
+        seconds = write(tree, store, "ALL", size)
+        source = SeCoDataset(store, bands="ALL").source
+        positions = [(i, k) for i in range(len(source.locations)) for k in range(source.count(i))]
+        order = np.random.default_rng(0).permutation(len(positions))
+        start = time.process_time()
+        for p in order:
+            source.read(*positions[p])
+        shard_files = [p for p in store.glob("*/c/**/*") if p.is_file()]
+        result[str(size)] = {
+            "write_s": round(seconds, 2),
+            "shard_files": len(shard_files),
+            "mean_shard_file_kb": round(sum(p.stat().st_size for p in shard_files) / len(shard_files) / 1e3, 1),
+            "read_ms_per_acquisition": round((time.process_time() - start) / len(order) * 1000, 3),
+        }
+    return result
 
 
 def measure_size(tree: Path, tmp: Path, shard_size: int) -> dict:
