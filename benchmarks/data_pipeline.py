@@ -51,7 +51,8 @@ from datasets.transforms import (  # noqa: E402
     CROP_RATIO,
     MultiCropAugmentation,
     Normalize,
-    _band_jitter,
+    band_jitter,
+    draw_band_jitter,
 )
 
 PIL_RESAMPLE = {BICUBIC: Image.BICUBIC, BILINEAR: Image.BILINEAR}
@@ -127,7 +128,7 @@ class PILPerCrop:
             out.append(T.functional.to_tensor(img))
         image = torch.cat(out)
         if augment.jitter is not None and torch.rand(()) < augment.jitter_p:
-            image = _band_jitter(image, augment.jitter[0], augment.jitter[1])
+            image = band_jitter(image, *draw_band_jitter(image.shape[0], augment.jitter[0], augment.jitter[1]))
         return image
 
     def _band_crop(self, bands: list[Image.Image], view) -> torch.Tensor:

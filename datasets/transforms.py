@@ -107,12 +107,6 @@ def _rand() -> float:
     return float(torch.rand(()))
 
 
-def _random_blur(image: torch.Tensor) -> torch.Tensor:
-    """Gaussian blur with sigma uniform in [0.1, 2.0] and a kernel wide enough for it (+-3 sigma)."""
-    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * _rand()
-    return gaussian_blur(image, 2 * math.ceil(3.0 * sigma) + 1, sigma)
-
-
 def gaussian_blur(image: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
     """torchvision's ``gaussian_blur`` (same kernel, reflect padding) as two 1-D passes instead of one 2-D one.
 
@@ -232,6 +226,10 @@ def adjust_brightness(image: torch.Tensor, factor: float) -> torch.Tensor:
     return image.mul(factor).clamp_(0.0, 1.0)
 
 
+# The ColorJitter operations in torchvision's numbering (the order of its permutation's indices).
+JITTER_OPS = (adjust_brightness, F.adjust_contrast, F.adjust_saturation, adjust_hue)
+
+
 class ColorJitter:
     """``v2.ColorJitter(brightness, contrast, saturation, hue)`` on float RGB in [0, 1], with the fast ``adjust_hue``.
 
@@ -241,28 +239,44 @@ class ColorJitter:
 
     def __init__(self, brightness: float, contrast: float, saturation: float, hue: float):
         self.ranges = [(max(0.0, 1.0 - f), 1.0 + f) for f in (brightness, contrast, saturation)] + [(-hue, hue)]
-        self.ops = (adjust_brightness, F.adjust_contrast, F.adjust_saturation, adjust_hue)
+
+    def draw(self) -> tuple[list[int], list[float]]:
+        """The order of the four operations and their factors, drawn as torchvision draws them."""
+        order = torch.randperm(4).tolist()
+        return order, [float(torch.empty(1).uniform_(lo, hi)) for lo, hi in self.ranges]
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        order = torch.randperm(4).tolist()
-        factors = [float(torch.empty(1).uniform_(lo, hi)) for lo, hi in self.ranges]
-        for i in order:
-            image = self.ops[i](image, factors[i])
-        return image
+        return apply_jitter(image, *self.draw())
 
 
-def _band_jitter(image: torch.Tensor, brightness: float, contrast: float) -> torch.Tensor:
-    """Independent brightness and contrast factors per band, for inputs without a colour space.
+def apply_jitter(image: torch.Tensor, order: list[int], factors: list[float]) -> torch.Tensor:
+    """The four ColorJitter operations in ``order``, operation i with ``factors[i]``."""
+    for i in order:
+        image = JITTER_OPS[i](image, factors[i])
+    return image
+
+
+def draw_band_jitter(bands: int, brightness: float, contrast: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent brightness and contrast factors per band, (bands, 1, 1) each, for inputs without a colour space."""
+    gain = torch.empty(bands, 1, 1).uniform_(max(0.0, 1.0 - brightness), 1.0 + brightness)
+    stretch = torch.empty(bands, 1, 1).uniform_(max(0.0, 1.0 - contrast), 1.0 + contrast)
+    return gain, stretch
+
+
+def band_jitter(image: torch.Tensor, gain: torch.Tensor, stretch: torch.Tensor) -> torch.Tensor:
+    """Scale each band by its gain, stretch it about its mean, clamp to [0, 1].
 
     Works in place on ``image`` (always a fresh crop here): a 12-band crop is megabytes, and allocating a new
     one per step cost more than the arithmetic.
     """
-    bands = image.shape[0]
-    gain = torch.empty(bands, 1, 1).uniform_(max(0.0, 1.0 - brightness), 1.0 + brightness)
-    stretch = torch.empty(bands, 1, 1).uniform_(max(0.0, 1.0 - contrast), 1.0 + contrast)
     image = image.mul_(gain)
-    mean = image.mean(dim=(1, 2), keepdim=True)
+    mean = image.mean(dim=(-2, -1), keepdim=True)
     return image.sub_(mean).mul_(stretch).add_(mean).clamp_(0.0, 1.0)
+
+
+def blur_kernel_size(sigma: float) -> int:
+    """Odd kernel width covering +-3 sigma, as the published GaussianBlur."""
+    return 2 * math.ceil(3.0 * sigma) + 1
 
 
 @dataclass(frozen=True)
@@ -278,6 +292,36 @@ class ColourAugment:
 
 
 NO_AUGMENT = ColourAugment(gray_p=0.0)
+
+
+@dataclass
+class ColourDraw:
+    """The random outcome of a :class:`ColourAugment` for one image; None / False: the step is not applied."""
+
+    jitter: tuple[list[int], list[float]] | None = None  # RGB: order of the four operations and their factors
+    band_jitter: tuple[torch.Tensor, torch.Tensor] | None = None  # other bands: gain and stretch per band
+    gray: bool = False
+    blur_sigma: float | None = None
+    solarize: bool = False
+
+
+@dataclass
+class CropDraw:
+    """The random outcome of one crop: its region (top, left, height, width), its flip and its colour steps."""
+
+    box: tuple[int, int, int, int]
+    flip: bool
+    colour: ColourDraw
+
+
+@dataclass
+class SampleDraw:
+    """Everything random about one sample's crops: DINO-TP's whole-image aug() of t1 and t0 (flip, colour),
+    then one :class:`CropDraw` per view. Drawn in the order the published pipeline draws, so a sample's seed
+    gives the same crops whichever side (loader worker or training device) applies them."""
+
+    whole: list[tuple[bool, ColourDraw]]
+    crops: list[CropDraw]
 
 
 @dataclass(frozen=True)
@@ -370,42 +414,74 @@ class MultiCropAugmentation:
     def _draw_flip(augment: ColourAugment) -> bool:
         return bool(augment.flip_p) and _rand() < augment.flip_p
 
-    def _colour(self, image: torch.Tensor, augment: ColourAugment) -> torch.Tensor:
-        """Photometric part of ``augment`` on a fresh float [0, 1] image (RGB-only operations only for RGB).
-
-        Flipping is the first step of ``augment`` but is drawn and done by the caller: a crop flips while still
-        uint8 (4x less memory to move), a whole DINO-TP image just before this.
-        """
+    def _draw_colour(self, augment: ColourAugment) -> ColourDraw:
+        """The photometric draws of ``augment``, in the published order: jitter (then its own draws), grayscale,
+        blur (then its sigma), solarize. RGB-only operations are drawn only for RGB."""
+        draw = ColourDraw()
         if augment.jitter is not None and _rand() < augment.jitter_p:
             if self.rgb:
-                image = self._jitters[augment.jitter](image)
+                draw.jitter = self._jitters[augment.jitter].draw()
             else:
-                image = _band_jitter(image, augment.jitter[0], augment.jitter[1])
-        if self.rgb and augment.gray_p and _rand() < augment.gray_p:
-            image = F.rgb_to_grayscale(image, num_output_channels=3)
+                draw.band_jitter = draw_band_jitter(len(self.bands), augment.jitter[0], augment.jitter[1])
+        draw.gray = bool(self.rgb and augment.gray_p and _rand() < augment.gray_p)
         if augment.blur_p and _rand() < augment.blur_p:
-            image = _random_blur(image)
-        if self.rgb and augment.solarize_p and _rand() < augment.solarize_p:
+            draw.blur_sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * _rand()
+        draw.solarize = bool(self.rgb and augment.solarize_p and _rand() < augment.solarize_p)
+        return draw
+
+    def sources(self, images: list[torch.Tensor]) -> list[int]:
+        """For each view, the index in ``images`` of the acquisition it is cut from (DINO-TP: aug(t1), t2,
+        aug(t0), then the locals of the raw t0)."""
+        if self.data_mode != "tp":
+            return [0] * len(self.views)
+        return [1, 2, 0] + [0] * self.n_local
+
+    def draw(self, images: torch.Tensor | Sequence[torch.Tensor]) -> SampleDraw:
+        """Every random choice of one sample's crops, consuming torch's generator as applying them one by one
+        always did (DINO-TP's whole-image aug() of t1 then t0, then per view its region, flip and colour)."""
+        images = self._check(images)
+        whole = []
+        if self.data_mode == "tp":
+            for _ in range(2):  # aug(t1), aug(t0)
+                flip = self._draw_flip(self.tp_augment)
+                whole.append((flip, self._draw_colour(self.tp_augment)))
+        crops = []
+        for index, view in zip(self.sources(images), self.views):
+            box = tv_transforms.RandomResizedCrop.get_params(images[index], list(view.scale), CROP_RATIO)
+            flip = self._draw_flip(view.augment)
+            crops.append(CropDraw(tuple(box), flip, self._draw_colour(view.augment)))
+        return SampleDraw(whole, crops)
+
+    def _colour(self, image: torch.Tensor, draw: ColourDraw) -> torch.Tensor:
+        """The photometric steps of ``draw`` on a fresh float [0, 1] image.
+
+        Flipping comes first in the published pipeline but is done by the caller: a crop flips while still
+        uint8 (4x less memory to move), a whole DINO-TP image just before this.
+        """
+        if draw.jitter is not None:
+            image = apply_jitter(image, *draw.jitter)
+        elif draw.band_jitter is not None:
+            image = band_jitter(image, *draw.band_jitter)
+        if draw.gray:
+            image = F.rgb_to_grayscale(image, num_output_channels=3)
+        if draw.blur_sigma is not None:
+            image = gaussian_blur(image, blur_kernel_size(draw.blur_sigma), draw.blur_sigma)
+        if draw.solarize:
             image = F.solarize(image, SOLARIZE_THRESHOLD)
         return image
 
-    def _crop(self, source: BandGroups | torch.Tensor, view: CropView) -> torch.Tensor:
-        """Cut a random region (scale ``view.scale`` of the area) and resize only it to ``view.size``, as float.
+    def _crop(self, source: BandGroups | torch.Tensor, view: CropView, draw: CropDraw) -> torch.Tensor:
+        """Cut the drawn region and resize only it to ``view.size``, as float in [0, 1].
 
         ``source``: the uint8 image as :class:`BandGroups`, or a float image in [0, 1] (DINO-TP's aug(t)).
         The result is always a new tensor (never a view of ``source``), so later steps may work in place.
         """
-        image = source.groups[0] if isinstance(source, BandGroups) else source
-        top, left, height, width = tv_transforms.RandomResizedCrop.get_params(image, list(view.scale), CROP_RATIO)
-        flip = self._draw_flip(view.augment)
+        top, left, height, width = draw.box
         if isinstance(source, BandGroups):
-            return source.resized_crop(top, left, height, width, view.size, flip, view.interpolation)
+            return source.resized_crop(top, left, height, width, view.size, draw.flip, view.interpolation)
         region = source[..., top : top + height, left : left + width]
         crop = F.resize(region, [view.size, view.size], view.interpolation, antialias=True).clamp(0.0, 1.0)
-        return crop.flip(-1) if flip else crop
-
-    def _view(self, source: BandGroups | torch.Tensor, view: CropView) -> torch.Tensor:
-        return self.normalize(self._colour(self._crop(source, view), view.augment))
+        return crop.flip(-1) if draw.flip else crop
 
     def _check(self, images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
         images = [images] if isinstance(images, torch.Tensor) else list(images)
@@ -422,21 +498,29 @@ class MultiCropAugmentation:
 
     def __call__(self, images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
         images = self._check(images)
+        return self.apply(images, self.draw(images))
+
+    def apply(self, images: list[torch.Tensor], draw: SampleDraw) -> list[torch.Tensor]:
+        """The normalised crops of ``draw``: in the loader worker, one crop at a time."""
         if self.data_mode != "tp":
             source = BandGroups(images[0])
-            return [self._view(source, view) for view in self.views]
-        t0, t1, t2 = images
-        raw_t0 = BandGroups(t0)
-        sources = [self._whole_image_augment(t1), BandGroups(t2), self._whole_image_augment(t0)]
-        sources += [raw_t0] * self.n_local
-        return [self._view(source, view) for source, view in zip(sources, self.views)]
+            sources = [source] * len(self.views)
+        else:
+            t0, t1, t2 = images
+            raw_t0 = BandGroups(t0)
+            whole_t1, whole_t0 = (self._whole_image_augment(t, *d) for t, d in zip((t1, t0), draw.whole))
+            sources = [whole_t1, BandGroups(t2), whole_t0] + [raw_t0] * self.n_local
+        return [
+            self.normalize(self._colour(self._crop(source, view, crop), crop.colour))
+            for source, view, crop in zip(sources, self.views, draw.crops)
+        ]
 
-    def _whole_image_augment(self, image: torch.Tensor) -> torch.Tensor:
+    def _whole_image_augment(self, image: torch.Tensor, flip: bool, colour: ColourDraw) -> torch.Tensor:
         """DINO-TP's aug(): colour-augment and flip a whole acquisition before it is cropped."""
         image = image.float().div_(255.0)
-        if self._draw_flip(self.tp_augment):
+        if flip:
             image = image.flip(-1)
-        return self._colour(image, self.tp_augment)
+        return self._colour(image, colour)
 
     def __repr__(self) -> str:
         return (
