@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +32,9 @@ import health
 import plot_log
 import utils
 import vision_transformer as vits
-from datasets import eurosat
+from datasets import device_augment, eurosat
 from datasets.bands import parse_bands
+from datasets.device_augment import DeviceAugment, RegionCutter
 from datasets.seco import SeCoDataset
 from datasets.seco_store import SeCoStore, is_url
 from datasets.transforms import MultiCropAugmentation, eval_transform
@@ -175,6 +178,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="tp: draw the three acquisitions with replacement (the published behaviour).",
     )
 
+    parser.add_argument(
+        "--augment_on",
+        default="workers",
+        choices=["workers", "device"],
+        help="Where the crops are resized and colour-augmented: in the loader workers (default), or on the "
+        "training device as batched operations, the workers only reading and cutting regions (the same crops "
+        "from the same seed; docs/data.md gives the cost of each).",
+    )
     parser.add_argument(
         "--shard_shuffle",
         default=False,
@@ -422,8 +433,16 @@ class SeededSamples(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
-def build_data(args: argparse.Namespace) -> tuple[SeCoDataset, torch.utils.data.DataLoader]:
-    transform = build_transform(args)
+def build_data(
+    args: argparse.Namespace,
+) -> tuple[SeCoDataset, torch.utils.data.DataLoader, Callable[[Any], list[torch.Tensor]] | None]:
+    """The dataset, its loader, and with --augment_on device the function that makes a loaded batch's crops on
+    the device (the workers then only draw and cut regions; None: the loader's batches are the crops)."""
+    aug = build_transform(args)
+    transform, collate_fn, to_crops = aug, None, None
+    if args.augment_on == "device":
+        transform, collate_fn = RegionCutter(aug), device_augment.collate
+        to_crops = functools.partial(DeviceAugment(aug), device=args.device)
     bands = args.bands.split(",")
     dataset = SeCoDataset(
         args.data_path,
@@ -446,6 +465,7 @@ def build_data(args: argparse.Namespace) -> tuple[SeCoDataset, torch.utils.data.
         SeededSamples(dataset),
         sampler=sampler,
         batch_size=args.batch_size_per_gpu,
+        collate_fn=collate_fn,
         num_workers=args.num_workers,
         pin_memory=args.device.startswith("cuda"),
         drop_last=True,
@@ -460,7 +480,7 @@ def build_data(args: argparse.Namespace) -> tuple[SeCoDataset, torch.utils.data.
             f"{args.batch_size_per_gpu} x {args.world_size} processes"
         )
     print(f"Data loaded: {len(dataset)} locations, {len(loader)} iterations per epoch, bands {args.bands}.")
-    return dataset, loader
+    return dataset, loader, to_crops
 
 
 def build_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -507,7 +527,7 @@ def main(args: argparse.Namespace) -> None:
     precision = utils.resolve_precision(args, args.device)
 
     # ============ data, models, loss, optimizer, schedules ============
-    dataset, data_loader = build_data(args)
+    dataset, data_loader, to_crops = build_data(args)
     knn_sets = build_knn_sets(args) if args.knn_data_path else None
     student, teacher, teacher_without_ddp = build_models(args)
     student_without_ddp = student.module if args.distributed else student
@@ -598,6 +618,7 @@ def main(args: argparse.Namespace) -> None:
                 meters=to_restore["meters"] if first_iteration else {},
                 watch=watch,
                 save=save,
+                to_crops=to_crops,
             )
             warning = health.collapse_warning(train_stats, args.out_dim, epoch, args.batch_size_per_gpu)
             if warning:
@@ -802,9 +823,11 @@ def train_one_epoch(
     meters: dict,
     watch: PreemptionWatch,
     save: Callable[[int, int, dict], dict],
+    to_crops: Callable[[Any], list[torch.Tensor]] | None = None,
 ) -> dict:
     """One epoch from ``first_iteration`` on (a resumed preempted run), the running averages continued from
-    ``meters``; mid-epoch ``save`` every --checkpoint_every_iters iterations and on a preemption."""
+    ``meters``; mid-epoch ``save`` every --checkpoint_every_iters iterations and on a preemption. ``to_crops``
+    turns a loaded batch into the crops on the device (default: the loader's crops, moved there)."""
     metric_logger = utils.MetricLogger(delimiter="  ")
     for name in health.STEP_METRICS:  # averaged over each --print_freq window in the console line
         metric_logger.add_meter(name, utils.SmoothedValue(window_size=args.print_freq, fmt="{avg:.3f}"))
@@ -822,7 +845,10 @@ def train_one_epoch(
             if i == 0:  # only the first group is regularised
                 param_group["weight_decay"] = float(wd_schedule[it])
 
-        images = [im.to(args.device, non_blocking=True) for im in images]
+        if to_crops is None:
+            images = [im.to(args.device, non_blocking=True) for im in images]
+        else:
+            images = to_crops(images)
         with utils.autocast(precision, args.device):
             # only the global views go to the teacher; its backbone features feed the health metrics
             teacher_output, teacher_features = teacher(images[: args.global_crops_number], return_features=True)

@@ -97,6 +97,18 @@ def test_the_store_trains_the_trees_teacher_bit_for_bit(seco_root, seco_store, t
     assert all(torch.equal(tree[k], store[k]) for k in tree)
 
 
+@pytest.mark.parametrize("mode, bands", [("mc", "RGB"), ("tp", "ALL")])
+def test_augmenting_on_the_device_trains_the_workers_teacher(seco_root, tmp_path, mode, bands):
+    """--augment_on device: the same crops from the same seeds, so the same teacher (to float rounding)."""
+    teachers = []
+    for where in ("workers", "device"):
+        flags = ("--data_mode", mode, "--bands", bands, "--out_dim", "64", "--augment_on", where)
+        main_dino_mc.run(tiny_args(seco_root, tmp_path / where, *flags))
+        teachers.append(torch.load(tmp_path / where / "checkpoint.pth")["teacher"])
+    workers, device = teachers
+    assert max((workers[k].float() - device[k].float()).abs().max().item() for k in workers) <= 1e-6
+
+
 def test_shard_shuffle_trains_on_a_store_and_is_refused_on_a_tree(seco_root, seco_store, tmp_path, capsys):
     main_dino_mc.run(tiny_args(seco_store, tmp_path / "store", "--shard_shuffle", "true"))
     assert torch.load(tmp_path / "store" / "checkpoint.pth")["epoch"] == 1
