@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_data
 DEMO_EPOCHS ?= 20
 DEMO_SEED ?= 0
+# Extra pretraining flags, e.g. make demo DEMO_FLAGS="--augment_on device"
+DEMO_FLAGS ?=
 
 .PHONY: venv demo learning_curve test lint
 
@@ -34,7 +36,7 @@ DEMO_PRETRAIN = --arch vit_tiny --patch_size 16 --batch_size_per_gpu 16 --out_di
 demo: venv
 	$(DEMO_DATA)
 	$(PY) main_dino_mc.py $(DEMO_PRETRAIN) --data_mode mc --seed $(DEMO_SEED) --data_path $(DEMO_DIR)/seco \
-		--output_dir $(DEMO_DIR)/pretrain --knn_data_path $(DEMO_DIR)/eurosat --knn_every 5
+		--output_dir $(DEMO_DIR)/pretrain --knn_data_path $(DEMO_DIR)/eurosat --knn_every 5 $(DEMO_FLAGS)
 	$(PY) eval_knn.py --arch vit_tiny --patch_size 16 --pretrained_weights $(DEMO_DIR)/pretrain/checkpoint.pth \
 		--compare_random --seed $(DEMO_SEED) --data_path $(DEMO_DIR)/eurosat --output_dir $(DEMO_DIR)/knn \
 		--nb_knn 5 10 20 --resize_size $(DEMO_RESIZE) --crop_size $(DEMO_CROP) --batch_size_per_gpu 32 --num_workers 2

@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 from datasets.bands import parse_bands  # noqa: E402
 from datasets.demo import write_seco_demo  # noqa: E402
+from datasets import device_augment  # noqa: E402
+from datasets.device_augment import DeviceAugment, RegionCutter  # noqa: E402
 from datasets.seco import SeCoDataset  # noqa: E402
 from datasets.seco_store_writer import write_store  # noqa: E402
 from datasets.seco_tree import SeCoTree  # noqa: E402
@@ -56,6 +58,9 @@ from datasets.transforms import (  # noqa: E402
 )
 
 PIL_RESAMPLE = {BICUBIC: Image.BICUBIC, BILINEAR: Image.BILINEAR}
+# Colour jitter, grayscale, 13-tap separable blur, solarize and normalisation: about this many FLOPs per output
+# value when all apply (an upper estimate; most steps apply to a fraction of the crops).
+COLOUR_FLOPS = 120
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,6 +72,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", default=24, type=int, help="Timed samples per configuration.")
     parser.add_argument("--warmup", default=2, type=int, help="Untimed samples first.")
     parser.add_argument("--threads", default=1, type=int, help="torch threads (1 = one DataLoader worker).")
+    parser.add_argument(
+        "--augment_on", nargs="+", default=["workers", "device"], choices=["workers", "device"], help="Paths."
+    )
+    parser.add_argument("--device_batch", default=32, type=int, help="Samples per batch of the device path.")
     parser.add_argument("--seed", default=0, type=int)
     return parser
 
@@ -225,6 +234,7 @@ def measure(root: Path, store: Path, mode: str, bands: str, args: argparse.Names
     return {
         "mode": mode,
         "bands": ",".join(band_list),
+        "augment_on": "workers",
         "crop_sizes": aug.crop_sizes,
         "threads": torch.get_num_threads(),
         "samples": args.samples,
@@ -244,6 +254,57 @@ def measure(root: Path, store: Path, mode: str, bands: str, args: argparse.Names
     }
 
 
+def measure_device(root: Path, store: Path, mode: str, bands: str, args: argparse.Namespace) -> dict:
+    """--augment_on device: the worker's part (read, draw, cut) per sample, from the tree and from the store;
+    the device's part per batch here on the CPU; and per sample the bytes sent to the device and the FLOPs the
+    device spends, against the workers path's float crops."""
+    band_list = parse_bands(bands)
+    aug = MultiCropAugmentation(mode, band_list)
+    cutter, device = RegionCutter(aug), DeviceAugment(aug)
+    results, cuts = {}, []
+    for name, source in (("tree", root), ("store", store)):
+        torch.manual_seed(args.seed)
+        dataset = SeCoDataset(source, bands=band_list, data_mode=mode, transform=cutter, seed=args.seed)
+        results[name] = time_samples(dataset, args.samples, args.warmup)
+        cuts = [dataset[i % len(dataset)] for i in range(args.device_batch)]
+    batch = device_augment.collate(cuts)
+    device(batch, "cpu")  # warm-up
+    start = time.process_time()
+    crops = device(device_augment.collate(cuts), "cpu")
+    device_s = time.process_time() - start
+    sent = sum(item["pixels"].numel() * item["pixels"].element_size() for item in batch) / args.device_batch
+    crop_bytes = sum(c[0].numel() * c[0].element_size() for c in crops)
+    return {
+        "mode": mode,
+        "bands": ",".join(band_list),
+        "augment_on": "device",
+        "crop_sizes": aug.crop_sizes,
+        "threads": torch.get_num_threads(),
+        "samples": args.samples,
+        "imgs_per_s": round(1.0 / results["tree"][0], 2),
+        "imgs_per_s_wall": round(1.0 / results["tree"][2], 2),
+        "store_imgs_per_s": round(1.0 / results["store"][0], 2),
+        "store_imgs_per_s_wall": round(1.0 / results["store"][2], 2),
+        "cut_ms": round(results["tree"][1] * 1000.0, 3),
+        "device_batch": args.device_batch,
+        "device_cpu_ms_per_batch": round(device_s * 1000.0, 1),
+        "device_gflop_per_sample": round(device_flops(batch, aug) / args.device_batch / 1e9, 3),
+        "host_to_device_bytes_per_sample": round(sent),
+        "workers_path_bytes_per_sample": crop_bytes,
+    }
+
+
+def device_flops(batch: list[dict[str, torch.Tensor]], aug: MultiCropAugmentation) -> float:
+    """FLOPs of the device's batch: the two resize matrix products per crop position (on the padded regions or
+    whole images), plus the colour steps and normalisation counted as ``COLOUR_FLOPS`` per output value."""
+    total = 0.0
+    for item, size in zip(batch, aug.crop_sizes):
+        samples, channels, height, width = item["pixels"].shape
+        total += 2.0 * samples * channels * (height * width * size + height * size * size)
+        total += COLOUR_FLOPS * samples * channels * size * size
+    return total
+
+
 def main(args: argparse.Namespace) -> None:
     if args.samples < 1 or args.warmup < 0 or args.n_locations < 1:
         raise utils.ConfigError("--samples and --n_locations must be >= 1 and --warmup >= 0")
@@ -260,7 +321,9 @@ def main(args: argparse.Namespace) -> None:
                 store_path = Path(tmp) / f"store_{bands}.zarr"
                 store = store_first_locations(root, parse_bands(bands), timed_locations, store_path)
             for mode in args.modes:
-                print(json.dumps(measure(root, store, mode, bands, args)), flush=True)
+                for where in args.augment_on:
+                    measured = measure if where == "workers" else measure_device
+                    print(json.dumps(measured(root, store, mode, bands, args)), flush=True)
 
 
 def run(argv: list[str] | None = None) -> None:

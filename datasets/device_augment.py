@@ -10,9 +10,10 @@ per crop position in a handful of batched operations whatever the batch size:
   weights (those torch's antialiased resize computes, scaled to the region's size), rounded to grey levels
   after each pass as torch's uint8 kernel does;
 - flips, and the colour steps with per-sample factors: ColorJitter in each sample's own order of its four
-  operations (one masked batched operation per position and kind), grayscale, Gaussian blur (a depthwise
-  convolution with each sample's kernel, zero-padded to the widest), solarize, the per-band jitter of
-  multispectral input, and normalisation;
+  operations (each operation on the whole batch at each step, kept by mask where a sample's order puts it),
+  grayscale, Gaussian blur (a depthwise convolution with each sample's kernel, zero-padded to the widest),
+  solarize, the per-band jitter of multispectral input, and normalisation. Samples are selected by mask, never
+  by index, so nothing waits for the device;
 - DINO-TP's whole-image aug() of t1 and t0 on the whole images, before their global crops are cut.
 
 The result equals the worker-side pipeline per sample within float rounding for the colour steps and within
@@ -126,11 +127,12 @@ def resize_weights(starts: torch.Tensor, lengths: torch.Tensor, size: int, out: 
     starts, lengths = starts.double(), lengths.double()
     scale = lengths / out
     stretch = scale.clamp(min=1.0)
-    support = (2.0 if interpolation == BICUBIC else 1.0) * stretch
+    support = (2.0 if interpolation == BICUBIC else 1.0) * stretch  # the filter's half-width, widened
     centre = scale[:, None] * (torch.arange(out, dtype=torch.float64, device=scale.device) + 0.5)  # (B, out)
     first = (centre - support[:, None] + 0.5).floor().clamp(min=0.0)
     last = torch.minimum((centre + support[:, None] + 0.5).floor(), lengths[:, None])
-    taps = int((2.0 * support).ceil().max().item()) + 2
+    half_width = 2.0 if interpolation == BICUBIC else 1.0
+    taps = math.ceil(2.0 * half_width * max(size / out, 1.0)) + 2  # a bound from the shapes: no device sync
     position = first[..., None] + torch.arange(taps, dtype=torch.float64, device=scale.device)  # (B, out, taps)
     weights = _filter((position - centre[..., None] + 0.5) / stretch[:, None, None], interpolation)
     weights = weights * (position < last[..., None])
@@ -156,13 +158,21 @@ def fixed_point(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _pass(values: torch.Tensor, weights: torch.Tensor, grey_levels: bool) -> torch.Tensor:
-    """``weights`` (B, out, in) applied along the last dimension of ``values`` (B, C, rows, in)."""
+    """``weights`` (B, out, in) applied along the last dimension of ``values`` (B, C, rows, in).
+
+    With ``grey_levels`` the integer weights are split into a high and a low byte, two float32 products whose
+    terms and sums are small integers (below 2^24, also under TF32's rounding of the inputs), so the integer
+    sum is exact without float64 arithmetic, which many GPUs run at a small fraction of their speed."""
     if not grey_levels:
         return torch.matmul(values, weights.transpose(1, 2).unsqueeze(1).float())
     integers, unit = fixed_point(weights)
-    summed = torch.matmul(values.double(), integers.transpose(1, 2).unsqueeze(1))
+    high = torch.div(integers, 256.0, rounding_mode="floor")
+    low = integers - 256.0 * high  # 0..255
+    by_high = torch.matmul(values, high.transpose(1, 2).unsqueeze(1).float())
+    by_low = torch.matmul(values, low.transpose(1, 2).unsqueeze(1).float())
+    summed = by_high.double().mul_(256.0).add_(by_low.double())
     unit = unit.view(-1, 1, 1, 1)
-    return ((summed + unit / 2) / unit).floor_().clamp_(0.0, 255.0).float()
+    return summed.add_(unit / 2).div_(unit).floor_().clamp_(0.0, 255.0).float()
 
 
 def resize_regions(
@@ -170,8 +180,7 @@ def resize_regions(
 ) -> torch.Tensor:
     """Each sample's box (top, left, height, width) of ``pixels`` resized to ``size`` x ``size``: width then
     height, as torch's separable kernel. ``grey_levels``: torch's uint8 arithmetic, fixed-point weights and a
-    rounding to 0..255 after each pass (float64 holds its integer sums exactly); else float, as for float
-    images."""
+    rounding to 0..255 after each pass, computed exactly; else float, as for float images."""
     rows = resize_weights(boxes[:, 0], boxes[:, 2], pixels.shape[-2], size, interpolation)
     cols = resize_weights(boxes[:, 1], boxes[:, 3], pixels.shape[-1], size, interpolation)
     x = _pass(pixels, cols, grey_levels)
@@ -202,24 +211,27 @@ BATCHED_JITTER_OPS = (
 
 
 def colour_jitter(image: torch.Tensor, fields: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
-    """ColorJitter with each sample's own order of the four operations and its own factors."""
+    """ColorJitter with each sample's own order of the four operations and its own factors: at each of the four
+    steps, every operation runs on the batch and each sample keeps the one its order puts there (selections
+    by mask, never by index: no device-to-host synchronisation)."""
     applied, order, factors = fields[prefix + "jitter"], fields[prefix + "order"], fields[prefix + "factors"]
     for step in range(4):
         for op, batched in enumerate(BATCHED_JITTER_OPS):
-            chosen = (applied & (order[:, step] == op)).nonzero().flatten()
-            if len(chosen):
-                image[chosen] = batched(image[chosen], factors[chosen, op])
+            chosen = _per_sample(applied & (order[:, step] == op))
+            image = torch.where(chosen, batched(image, factors[:, op]), image)
     return image
 
 
 def gaussian_blur(image: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """torchvision's ``gaussian_blur`` with each sample's sigma and its kernel of ``blur_kernel_size(sigma)``
     taps, zero-padded to the widest kernel: the extra taps weigh nothing, so the reflect padding they reach
-    changes no value."""
+    changes no value. A NaN sigma (no blur drawn) gets the one-tap kernel [1], which leaves the image as it is."""
     half = MAX_BLUR_KERNEL // 2
     samples, channels = image.shape[:2]
     offsets = torch.arange(-half, half + 1, dtype=torch.float32, device=image.device)
-    reach = ((sigma * 3.0).ceil())[:, None]
+    unblurred = sigma.isnan()[:, None]
+    sigma = torch.where(unblurred[:, 0], torch.ones_like(sigma), sigma)
+    reach = torch.where(unblurred, torch.zeros_like(sigma[:, None]), (sigma * 3.0).ceil()[:, None])
     weights = torch.exp(-0.5 * (offsets / sigma[:, None]) ** 2) * (offsets.abs() <= reach)
     weights = (weights / weights.sum(-1, keepdim=True)).repeat_interleave(channels, dim=0)  # (samples x C, taps)
     x = tnf.pad(image.reshape(1, samples * channels, *image.shape[-2:]), [half] * 4, mode="reflect")
@@ -233,21 +245,17 @@ def colour(image: torch.Tensor, fields: dict[str, torch.Tensor], rgb: bool, pref
     if rgb:
         image = colour_jitter(image, fields, prefix)
     else:
-        chosen = fields[prefix + "band_jitter"].nonzero().flatten()
-        if len(chosen):
-            part = image[chosen] * fields[prefix + "gain"][chosen]
-            mean = part.mean(dim=(-2, -1), keepdim=True)
-            image[chosen] = ((part - mean) * fields[prefix + "stretch"][chosen] + mean).clamp_(0.0, 1.0)
-    chosen = fields[prefix + "gray"].nonzero().flatten()
-    if len(chosen):
-        image[chosen] = F.rgb_to_grayscale(image[chosen], num_output_channels=3)
-    chosen = fields[prefix + "sigma"].isnan().logical_not().nonzero().flatten()
-    if len(chosen):
-        image[chosen] = gaussian_blur(image[chosen], fields[prefix + "sigma"][chosen])
-    chosen = fields[prefix + "solarize"].nonzero().flatten()
-    if len(chosen):
-        part = image[chosen]
-        image[chosen] = torch.where(part >= SOLARIZE_THRESHOLD, 1.0 - part, part)
+        scaled = image * fields[prefix + "gain"]
+        mean = scaled.mean(dim=(-2, -1), keepdim=True)
+        jittered = ((scaled - mean) * fields[prefix + "stretch"] + mean).clamp_(0.0, 1.0)
+        image = torch.where(_per_sample(fields[prefix + "band_jitter"]), jittered, image)
+    if rgb:
+        grey = F.rgb_to_grayscale(image, num_output_channels=3)
+        image = torch.where(_per_sample(fields[prefix + "gray"]), grey, image)
+    image = gaussian_blur(image, fields[prefix + "sigma"])
+    if rgb:
+        solarize = _per_sample(fields[prefix + "solarize"]) & (image >= SOLARIZE_THRESHOLD)
+        image = torch.where(solarize, 1.0 - image, image)
     return image
 
 
