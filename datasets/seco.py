@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datasets import DataError
 from datasets.acquisition import Acquisition, to_10m_grid
 from datasets.bands import RGB_BANDS, SECO_RGB_STRETCH, is_rgb, parse_bands
 from datasets.seco_store import SeCoStore, is_store, refuse_old_pack
@@ -108,6 +109,11 @@ class SeCoDataset(Dataset):
         self.tp_with_replacement = tp_with_replacement
         self.source = open_source(root, self.bands)
         self.locations = self.source.locations
+        if data_mode == "tp" and all(self.source.count(i) == 1 for i in range(len(self))):
+            raise DataError(
+                f"--data_mode tp needs several acquisitions (dates) per location; every location of {root} has "
+                f"one (a flat folder of images is one acquisition per image): use --data_mode mc or dino"
+            )
         self._fixed: list[int] | None = None
         if fixed_acquisition:
             generator = torch.Generator().manual_seed(seed)

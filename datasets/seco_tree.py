@@ -15,6 +15,8 @@ Layouts, detected per location folder ``<root>/<location>/``:
     folders of (a). The published DINO-MC code trains on these only. When both exist, (a) is used.
 (c) a plain folder of images ``<location>/*.{tif,tiff,png,jpg,jpeg}``, one image per acquisition, for a
     user's own time series (band selection in multi-band GeoTIFFs: see ``datasets/folder.py``).
+(d) a flat folder of images ``<root>/*.{tif,...}`` (tiles of one's own, no location folders): each image is a
+    location with one acquisition.
 
 The tree is scanned once at construction with ``os.scandir`` (no file is opened), so a bad download fails
 before training starts, with one line naming the first bad folder or file. Each read opens only the files it
@@ -81,9 +83,17 @@ class SeCoTree:
         if not os.path.isdir(self.root):
             raise DataError(f"SeCo root {self.root} does not exist or is not a folder")
         with os.scandir(self.root) as entries:
-            location_dirs = sorted((e.name, e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
+            entries = [e for e in entries if not e.name.startswith(".")]
+        location_dirs = sorted((e.name, e.path) for e in entries if e.is_dir())
         if not location_dirs:
-            raise DataError(f"SeCo root {self.root} has no location folders (expected <root>/<location>/...)")
+            images = sorted(e.path for e in entries if e.is_file() and is_image_file(e.name))
+            if not images:
+                raise DataError(
+                    f"SeCo root {self.root} has no location folders (expected <root>/<location>/...) and no images"
+                )
+            self.locations = [os.path.basename(path) for path in images]  # a flat folder: one image a location
+            self._acquisitions = [[(path, None)] for path in images]
+            return
         shared_names: dict[tuple[str, ...], tuple[str, ...]] = {}
         for name, path in location_dirs:
             acquisitions = self._scan_location(path, shared_names)

@@ -204,6 +204,19 @@ def test_empty_root(tmp_path):
         SeCoDataset(tmp_path)
 
 
+def test_a_flat_folder_of_real_tiles_is_one_location_per_image(shared_data):
+    """Real Sentinel-2 RGB tiles (3-band uint8 GeoTIFFs) straight in --data_path: each tile a location with one
+    acquisition, read as the image it is (a rendering: no SeCo stretch); DINO-TP needs several dates."""
+    tiles = shared_data / "sentinel2-rgb-tiles"
+    dataset = SeCoDataset(tiles, data_mode="mc")
+    names = sorted(p.name for p in tiles.glob("*.tif"))
+    assert dataset.locations == names and all(dataset.acquisition_names(i) == [n] for i, n in enumerate(names))
+    with rasterio.open(tiles / names[0]) as src:
+        assert torch.equal(dataset.load(0, 0), torch.from_numpy(src.read()))
+    with pytest.raises(DataError, match="--data_mode tp needs several acquisitions .* use --data_mode mc or dino"):
+        SeCoDataset(tiles, data_mode="tp")
+
+
 def test_location_without_acquisitions(tmp_path):
     write_band_layout(tmp_path, n_locations=1, n_acquisitions=2)
     (tmp_path / "000001").mkdir()
