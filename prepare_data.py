@@ -4,6 +4,7 @@
     python prepare_data.py --data_path /data/seasonal_contrast_100k --output_path /data/seco100k.zarr --bands ALL \
         --workers 8
     python main_dino_mc.py ... --data_path /data/seco100k.zarr
+    python prepare_data.py --data_path /data/scenes --output_path /data/scenes.zarr --tile_size 264 --bands ALL
 
 Each acquisition is decoded once here instead of at every access of every epoch, and kept at its native
 resolution and dtype, losslessly compressed; training brings it to the 10 m grid exactly as it does with the
@@ -22,6 +23,7 @@ import argparse
 
 import utils
 from datasets.bands import parse_bands
+from datasets.scenes import SceneTiles
 from datasets.seco_store import refuse_old_pack
 from datasets.seco_store_writer import write_store
 from datasets.seco_tree import SeCoTree
@@ -50,6 +52,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--verify", action="store_true", help="Re-hash every shard of a complete store and rewrite damaged ones."
     )
     parser.add_argument("--print_every", default=1000, type=int, help="Progress line every this many locations.")
+    parser.add_argument(
+        "--tile_size",
+        default=None,
+        type=int,
+        help="Cut large scenes into tiles of this many pixels: --data_path is then a GeoTIFF scene or a folder of "
+        "them, and each tile becomes a location with one acquisition.",
+    )
+    parser.add_argument("--tile_overlap", default=0, type=int, help="Pixels shared by neighbouring tiles.")
+    parser.add_argument(
+        "--max_nodata",
+        default=0.0,
+        type=float,
+        help="Skip tiles with more than this fraction of nodata pixels (default 0: any nodata).",
+    )
     return parser
 
 
@@ -62,7 +78,10 @@ def main(args: argparse.Namespace) -> None:
         if getattr(args, flag) < 1:
             raise utils.ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     refuse_old_pack(args.data_path)
-    tree = SeCoTree(args.data_path, bands)
+    if args.tile_size is None:
+        tree = SeCoTree(args.data_path, bands)
+    else:
+        tree = SceneTiles(args.data_path, bands, args.tile_size, args.tile_overlap, args.max_nodata)
     status = write_store(
         tree, args.output_path, args.shard_size, args.workers, args.shard_range, args.verify, args.print_every
     )

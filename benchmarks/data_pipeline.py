@@ -39,9 +39,9 @@ from torchvision import transforms as T
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import utils  # noqa: E402
+from datasets import device_augment  # noqa: E402
 from datasets.bands import parse_bands  # noqa: E402
 from datasets.demo import write_seco_demo  # noqa: E402
-from datasets import device_augment  # noqa: E402
 from datasets.device_augment import DeviceAugment, RegionCutter  # noqa: E402
 from datasets.seco import SeCoDataset  # noqa: E402
 from datasets.seco_store_writer import write_store  # noqa: E402

@@ -43,7 +43,7 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _select_bands(array: np.ndarray, bands: list[str], path: str | Path) -> np.ndarray:
+def select_bands(array: np.ndarray, bands: list[str], path: str | Path) -> np.ndarray:
     """Pick ``bands`` out of a (C, H, W) GeoTIFF by the rules of the module docstring."""
     count = array.shape[0]
     if count == len(bands):
@@ -69,7 +69,7 @@ def read_image(path: str | Path, bands: list[str]) -> tuple[np.ndarray, bool]:
     """
     if str(path).lower().endswith(GEOTIFF_EXTENSIONS):
         array = read_raster(path)
-        return _select_bands(array, bands, path), array.shape[0] == len(bands) == 3
+        return select_bands(array, bands, path), array.shape[0] == len(bands) == 3
     if not is_rgb(bands):
         raise DataError(f"{path} is an RGB image (B4,B3,B2); --bands {','.join(bands)} needs multi-band GeoTIFFs")
     try:

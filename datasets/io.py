@@ -10,12 +10,14 @@ import rasterio
 import torch
 import torch.nn.functional as F
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.windows import Window
 
 from datasets import DataError
 
 
-def read_raster(path: str | Path, indexes: list[int] | None = None) -> np.ndarray:
-    """Read a raster (all bands, or the 1-based ``indexes``) as a (C, H, W) array in its stored dtype.
+def read_raster(path: str | Path, indexes: list[int] | None = None, window: Window | None = None) -> np.ndarray:
+    """Read a raster (all bands, or the 1-based ``indexes``; all pixels, or a ``window``) as a (C, H, W) array in
+    its stored dtype.
 
     Any rasterio/GDAL failure (missing, truncated or corrupt file) becomes a DataError naming the file:
     a user with 100,000 files needs to know which one is broken, not a GDAL stack trace.
@@ -25,7 +27,7 @@ def read_raster(path: str | Path, indexes: list[int] | None = None) -> np.ndarra
             # Pixels are all we use: a JPEG/PNG or a damaged header without georeferencing is not a problem.
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
-                return src.read(indexes)
+                return src.read(indexes, window=window)
     except (RasterioError, OSError) as err:
         cause = err.__cause__ or err  # rasterio wraps GDAL's own message ("... truncated ...") as the cause
         reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__

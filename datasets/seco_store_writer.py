@@ -1,4 +1,5 @@
-"""Write a SeCo-style tree into a Zarr v3 store (format: ``datasets/seco_store.py``), in parallel and resumably.
+"""Write a SeCo-style tree, or tiles of large scenes, into a Zarr v3 store (format: ``datasets/seco_store.py``),
+in parallel and resumably.
 
 Work is split by shard: a shard holds ``shard_size`` consecutive acquisitions (locations in order) of every
 band-group array, and each worker process owns whole shards, so workers never write the same file. After a
@@ -32,6 +33,7 @@ import utils
 from datasets import DataError
 from datasets.acquisition import STORED_DTYPES
 from datasets.bands import RESOLUTION_M
+from datasets.scenes import SceneTiles
 from datasets.seco_store import (
     ATTRIBUTES,
     STORE_FORMAT,
@@ -42,6 +44,8 @@ from datasets.seco_store import (
 )
 from datasets.seco_store import StoreFiles as _StoreFiles
 from datasets.seco_tree import SeCoTree
+
+Source = SeCoTree | SceneTiles
 
 PROGRESS = ".progress"  # per-shard records of a store being written
 ZSTD_LEVEL = 3  # lossless; higher levels gain a few % of size for 2-6x the writing time (benchmarks/README.md)
@@ -65,6 +69,7 @@ class StorePlan:
     locations: list[str]
     acquisitions: list[list[str]]
     shard_size: int
+    georeference: list[dict] | None = None  # per location (tiles of scenes): CRS and affine transform
     fingerprint: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -95,8 +100,8 @@ def band_groups(bands: list[str], layout: str) -> dict[str, list[str]]:
     return groups
 
 
-def plan_store(tree: SeCoTree, shard_size: int) -> StorePlan:
-    """The store's arrays, shapes and dtypes from the tree's first acquisition (every other one must match)."""
+def plan_store(tree: Source, shard_size: int) -> StorePlan:
+    """The store's arrays, shapes and dtypes from the source's first acquisition (every other one must match)."""
     first = tree.read(0, 0)
     arrays = band_groups(tree.bands, tree.layout)
     shapes, dtypes = {}, {}
@@ -123,6 +128,7 @@ def plan_store(tree: SeCoTree, shard_size: int) -> StorePlan:
         locations=list(tree.locations),
         acquisitions=[tree.acquisition_names(i) for i in range(len(tree))],
         shard_size=shard_size,
+        georeference=getattr(tree, "georeference", None),
     )
 
 
@@ -144,7 +150,7 @@ class ShardResult:
 class StoreWriter:
     """Writes the shards of a plan into ``output``; one instance per process (see the module docstring)."""
 
-    def __init__(self, tree: SeCoTree, plan: StorePlan, output: str | Path):
+    def __init__(self, tree: Source, plan: StorePlan, output: str | Path):
         self.tree, self.plan, self.output = tree, plan, Path(output)
         self._arrays: dict[str, zarr.Array] | None = None
         starts = plan.starts
@@ -330,6 +336,7 @@ def _attributes(plan: StorePlan, source: str, complete: bool, shards: dict | Non
         "locations": plan.locations,
         "acquisitions": plan.acquisitions,
         "shards": shards,
+        **({"georeference": plan.georeference} if plan.georeference is not None else {}),
     }
 
 
@@ -372,7 +379,7 @@ def parse_shard_range(spec: str | None, n_shards: int) -> range:
 
 
 def write_store(
-    tree: SeCoTree,
+    tree: Source,
     output: str | Path,
     shard_size: int,
     workers: int = 1,
