@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import random
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,9 @@ import torch
 from downstream_fixtures import write_eurosat_ms, write_eurosat_split_files
 
 from datasets.bands import canonical_band
+from datasets.demo import write_seco_demo
 from datasets.eurosat import EuroSAT
+from datasets.seco import SeCoDataset
 
 torchgeo_datasets = pytest.importorskip("torchgeo.datasets", reason="torchgeo is a development requirement")
 
@@ -50,3 +54,32 @@ def test_eurosat_ms_matches_torchgeo(eurosat_ms, split, bands):
         assert our_label == label == int(sample["label"])
         for c, band in enumerate(ours.bands):
             torch.testing.assert_close(image[c], sample["image"][their_bands.index(band)], atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def seco_100k(tmp_path_factory) -> Path:
+    """SeCo-100K's layout (band files at 264 / 132 / 44 px) under torchgeo's expected folder name."""
+    root = tmp_path_factory.mktemp("seco")
+    write_seco_demo(root / "seasonal_contrast_100k", n_locations=2, n_acquisitions=3, seed=0)
+    return root
+
+
+def test_seco_matches_torchgeo(seco_100k):
+    """The same acquisition gives the same 10 m bands and, for the 20 m and 60 m bands both bring to the 10 m
+    grid bilinearly, values within half a grey level: torchgeo keeps PIL's float result, we round to SeCo's uint8
+    scale. (torchgeo resizes every band under 264 px to 264 x 264; we resize to the acquisition's own 10 m
+    grid, which is 264 px for SeCo itself and keeps other trees' shapes.)"""
+    bands = ["B8", "B5", "B1", "B12"]
+    theirs = torchgeo_datasets.SeasonalContrastS2(seco_100k, version="100k", seasons=1, bands=bands)
+    ours = SeCoDataset(seco_100k / "seasonal_contrast_100k", bands=bands)
+    for index in range(len(ours)):
+        folder = seco_100k / "seasonal_contrast_100k" / f"{index:06d}"
+        random.seed(index)
+        subdirs = [f for f in os.listdir(folder) if (folder / f).is_dir()]
+        (chosen,) = random.sample(subdirs, 1)
+        random.seed(index)
+        their_image = theirs[index]["image"]
+        our_image = ours.load(index, ours.acquisition_names(index).index(chosen)).float()
+        assert our_image.shape == their_image.shape == (4, 264, 264)
+        assert torch.equal(our_image[0], their_image[0])  # B8: 10 m, read as stored
+        assert (our_image[1:] - their_image[1:]).abs().max() <= 0.5 + 1e-4
