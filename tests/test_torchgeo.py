@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from downstream_fixtures import write_eurosat_ms, write_eurosat_split_files
+from downstream_fixtures import write_bigearthnet_lists, write_eurosat_ms, write_eurosat_split_files
 
-from datasets.bands import canonical_band
+from datasets.bands import RESOLUTION_M, canonical_band
+from datasets.bigearthnet import BigEarthNet, class_names
 from datasets.demo import write_seco_demo
 from datasets.eurosat import EuroSAT
 from datasets.seco import SeCoDataset
@@ -83,3 +84,43 @@ def test_seco_matches_torchgeo(seco_100k):
         assert our_image.shape == their_image.shape == (4, 264, 264)
         assert torch.equal(our_image[0], their_image[0])  # B8: 10 m, read as stored
         assert (our_image[1:] - their_image[1:]).abs().max() <= 0.5 + 1e-4
+
+
+@pytest.fixture(scope="module")
+def bigearthnet_root(shared_data, tmp_path_factory) -> Path:
+    """The 6 real patches under torchgeo's folder name, with its (S2, S1) csv lists."""
+    source = shared_data / "bigearthnet-v1" / "BigEarthNet-v1.0"
+    patches = sorted(p.name for p in source.iterdir() if p.is_dir())
+    root = tmp_path_factory.mktemp("bigearthnet")
+    (root / "BigEarthNet-v1.0").mkdir()
+    for patch in patches:
+        (root / "BigEarthNet-v1.0" / patch).symlink_to(source / patch, target_is_directory=True)
+    write_bigearthnet_lists(
+        root,
+        {"train": patches[:4], "val": patches[4:5], "test": patches[5:]},
+        "bigearthnet-{split}.csv",
+        columns="s2,s1",
+    )
+    return root
+
+
+@pytest.mark.parametrize("num_classes", [19, 43])
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_bigearthnet_matches_torchgeo(bigearthnet_root, num_classes, split):
+    """Same patches per split in the same order, same multi-hot targets in the same class order (19 and 43),
+    the same 10 m bands, and the 20 m / 60 m bands within one unit: both upsample them bilinearly to 120 px and
+    round, torchgeo through GDAL's resampling, we through torch's."""
+    theirs = torchgeo_datasets.BigEarthNet(bigearthnet_root, split=split, bands="s2", num_classes=num_classes)
+    ours = BigEarthNet(bigearthnet_root, split=split, bands="ALL", num_classes=num_classes)
+    assert [Path(f["s2"]).name for f in theirs.folders] == ours.patches
+    assert list(class_names(num_classes)) == theirs.class_sets[num_classes]
+    for index, patch in enumerate(ours.patches):
+        sample = theirs[index]
+        assert torch.equal(torch.from_numpy(ours.targets[index]).long(), sample["label"])
+        stack = torch.from_numpy(ours.load_stack(patch).astype("float32"))
+        image = sample["image"]  # torchgeo's S2 order: B01 .. B08, B8A, B09, B11, B12 = our ALL
+        for c, band in enumerate(ours.bands):
+            if RESOLUTION_M[band] == 10:
+                assert torch.equal(stack[c], image[c]), band
+            else:
+                assert (stack[c] - image[c]).abs().max() <= 1.0, band
