@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from downstream_fixtures import write_bigearthnet_lists, write_eurosat_ms, write_eurosat_split_files
+from downstream_fixtures import write_bigearthnet_lists, write_eurosat_ms, write_eurosat_split_files, write_oscd
 
 from datasets.bands import RESOLUTION_M, canonical_band
 from datasets.bigearthnet import BigEarthNet, class_names
 from datasets.demo import write_seco_demo
 from datasets.eurosat import EuroSAT
+from datasets.oscd import OSCD
+from datasets.oscd import normalize as oscd_normalize
 from datasets.seco import SeCoDataset
 
 torchgeo_datasets = pytest.importorskip("torchgeo.datasets", reason="torchgeo is a development requirement")
@@ -124,3 +126,30 @@ def test_bigearthnet_matches_torchgeo(bigearthnet_root, num_classes, split):
                 assert torch.equal(stack[c], image[c]), band
             else:
                 assert (stack[c] - image[c]).abs().max() <= 1.0, band
+
+
+@pytest.fixture(scope="module")
+def oscd_root(tmp_path_factory) -> Path:
+    """OSCD as its three archives unpack (the layout torchgeo reads), 13 bands on the 10 m grid per date."""
+    root = tmp_path_factory.mktemp("oscd")
+    cities = {"bercy": (40, 52), "paris": (36, 30), "rio": (44, 38), "dubai": (30, 41)}
+    write_oscd(root, cities, train=["bercy", "paris"], test=["rio", "dubai"])
+    return root
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_oscd_matches_torchgeo(oscd_root, split):
+    """Same cities per split, same change masks, and both dates' bands: torchgeo's raw values, stretched with
+    our per-band normalisation, are our images."""
+    theirs = torchgeo_datasets.OSCD(oscd_root, split=split)
+    ours = OSCD(oscd_root, split=split, bands="ALL")
+    their_cities = {files["region"]: i for i, files in enumerate(theirs.files)}
+    assert sorted(their_cities) == sorted(ours.cities)
+    their_bands = [canonical_band(b) for b in theirs.bands]
+    channels = [their_bands.index(b) for b in ours.bands]
+    for city in ours.cities:
+        sample = theirs[their_cities[city]]
+        assert torch.equal(ours.labels[city].long(), sample["mask"])
+        for date in range(2):
+            raw = sample["image"][date, channels].numpy()
+            assert torch.equal(ours.images[city][date], torch.from_numpy(oscd_normalize(raw, ours.bands)))
