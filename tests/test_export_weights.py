@@ -193,3 +193,18 @@ def test_timm_model_name_of_every_arch():
     with pytest.raises(ValueError, match="timm has no model matching --arch vit_tiny --patch_size 8"):
         weight_formats.timm_model_name("vit_tiny", 8)
     assert all(timm.is_model(name) for name in weight_formats.TIMM_MODELS.values())
+
+
+@pytest.mark.parametrize(
+    ("builder", "arch", "patch_size"), [("vit_small_patch16_224", "vit_small", 16), ("resnet50", "resnet50", 16)]
+)
+def test_torchgeo_builders_load_the_timm_export_strictly(tmp_path, builder, arch, patch_size):
+    """torchgeo's own model builders (12 Sentinel-2 bands in) take the export with strict keys and compute our
+    teacher's features."""
+    torchgeo_models = pytest.importorskip("torchgeo.models", reason="torchgeo is a development requirement")
+    teacher, _ = training_checkpoint(tmp_path / "checkpoint.pth", arch, patch_size, "ALL")
+    output = tmp_path / "timm.pth"
+    export_weights.run([str(tmp_path / "checkpoint.pth"), str(output), "--format", "timm"])
+    model = getattr(torchgeo_models, builder)(weights=None, num_classes=0, in_chans=12)
+    model.load_state_dict(torch.load(output, weights_only=True), strict=True)
+    assert_same_features(teacher, model, "ALL")
