@@ -387,7 +387,23 @@ def write_store(
     verify: bool = False,
     print_every: int = 1000,
 ) -> str:
-    """Write (or finish, or check) the store of ``tree`` at ``output``; returns a line saying what it holds."""
+    """Write (or finish, or check) the store of ``tree`` at ``output``; returns a line saying what it holds.
+
+    Zarr compresses on a pool of threads; here one per process, so that a writer process is one core's work
+    and ``workers`` processes scale with the cores they get (the worker processes inherit the setting)."""
+    with zarr.config.set({"threading.max_workers": 1}):
+        return _write_store(tree, output, shard_size, workers, shard_range, verify, print_every)
+
+
+def _write_store(
+    tree: Source,
+    output: str | Path,
+    shard_size: int,
+    workers: int,
+    shard_range: str | None,
+    verify: bool,
+    print_every: int,
+) -> str:
     output, source = Path(output), os.path.abspath(tree.root)
     plan = plan_store(tree, shard_size)
     shards = parse_shard_range(shard_range, plan.n_shards)
