@@ -84,9 +84,10 @@ def seco_store(seco_root, tmp_path_factory) -> Path:
     return store
 
 
-@pytest.mark.parametrize("mode", ["mc", "tp"])
-@pytest.mark.parametrize("bands", ["RGB", "ALL"])
+@pytest.mark.parametrize("mode, bands", [("mc", "RGB"), ("tp", "ALL"), ("dino", "B8,B5,B1")])
 def test_the_store_trains_the_trees_teacher_bit_for_bit(seco_root, seco_store, tmp_path, mode, bands):
+    """Each mode and a band set of each kind (RGB with its stretch, all 12, a subset with 20 m and 60 m bands):
+    the store's images are the tree's (every band subset: tests/test_seco_store.py), so is the teacher."""
     teachers = []
     for source in (seco_root, seco_store):
         out = tmp_path / Path(source).name
