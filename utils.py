@@ -181,19 +181,113 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--local_rank", default=0, type=int, help="Set by old launchers; please ignore.")
     group.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when available, else CPU."
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto = CUDA when available, else CPU; a job that was given GPUs and cannot use them stops instead.",
     )
 
 
-def _export_slurm_env() -> None:
-    """Under ``srun`` with several tasks, export torchrun-style variables from the SLURM environment.
+# Set by SLURM in a job (step) that was given GPUs as generic resources (--gres gpu:N, --gpus-per-node, ...)
+SLURM_GPU_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
+MASTER_PORTS = (20000, 60000)  # the range of the port derived from a SLURM job id, as submitit's
+NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
 
-    submitit computes the master address from the node list, rank, local rank and world size; exporting them
-    as MASTER_ADDR / RANK / ... lets SLURM jobs share the torchrun code path below.
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[003-010,012],cpu1" -> "gpu003"), without calling scontrol."""
+    match = re.match(r"([^,\[]+)(?:\[([^\],-]+))?", nodelist)
+    if match is None:
+        raise ConfigError(f"cannot read the SLURM node list {nodelist!r}; set MASTER_ADDR to the first node's name")
+    return match.group(1) + (match.group(2) or "")
+
+
+def export_slurm_task_env() -> None:
+    """torchrun's variables for a task that ``srun`` started directly, read from SLURM's own, as DINO does.
+
+    Rank = SLURM_PROCID, local rank = SLURM_LOCALID, world size = SLURM_NTASKS, tasks on this node =
+    SLURM_NTASKS_PER_NODE where given. The master is the first node of the step and its port is derived from
+    the job id, so every task finds the same address without talking to the others; MASTER_ADDR and
+    MASTER_PORT set by the user are kept. Nothing here needs submitit.
     """
-    import submitit
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost")
+    low, high = MASTER_PORTS
+    job_id = int(os.environ.get("SLURM_JOB_ID", "0"))
+    os.environ.setdefault("MASTER_ADDR", first_slurm_host(nodelist))
+    os.environ.setdefault("MASTER_PORT", str(low + job_id % (high - low)))
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "SLURM_NTASKS_PER_NODE" in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["SLURM_NTASKS_PER_NODE"]
 
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+def started_by_srun() -> bool:
+    """Whether this process is one of several tasks that srun started (and no launcher set RANK already)."""
+    return "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def nvidia_driver_version() -> str | None:
+    """The loaded NVIDIA kernel driver's version (Linux), or None where there is none."""
+    try:
+        text = NVIDIA_DRIVER_FILE.read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([\d.]+)", text)
+    return match.group(1) if match else "of unknown version"
+
+
+def cuda_build_and_driver() -> str:
+    """Which CUDA this torch was built for and which driver the node has: why torch may see no GPU."""
+    build = (
+        f"torch {torch.__version__} built for CUDA {torch.version.cuda}"
+        if torch.version.cuda
+        else (f"torch {torch.__version__} is a CPU-only build")
+    )
+    driver = nvidia_driver_version()
+    return f"{build}, NVIDIA driver {driver}" if driver else f"{build}, no NVIDIA driver loaded"
+
+
+def gpus_expected(requested: str) -> str | None:
+    """Why this process must run on a GPU (--device cuda, or a SLURM job holding GPUs), or None."""
+    if requested == "cuda":
+        return "--device cuda was asked for"
+    if requested == "auto":
+        for name in SLURM_GPU_VARIABLES:
+            if os.environ.get(name):
+                return f"this SLURM job was given GPUs ({name}={os.environ[name]})"
+    return None
+
+
+def pick_cuda_device(local_rank: int, local_world_size: int) -> int:
+    """The CUDA device of the process with this local rank, of ``local_world_size`` processes on the node.
+
+    A task that sees one GPU uses it (srun --gpus-per-task, --gpu-bind, or a per-task CUDA_VISIBLE_DEVICES:
+    each task's own GPU is its device 0); otherwise each process takes the GPU of its local rank. More
+    processes on a node than visible GPUs is refused by every process alike, so that none waits for the others.
+    """
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if max(local_world_size, local_rank + 1) > count:
+        fail(
+            f"{local_world_size} processes on this node but {count} visible GPUs (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process per GPU "
+            f"(torchrun --nproc_per_node {count}, srun --ntasks-per-node {count}) or give each task its own GPU "
+            "(srun --gpus-per-task 1)"
+        )
+    return local_rank
+
+
+def enable_tf32() -> None:
+    """Let fp32 matrix products on CUDA use TF32 tensor cores (Ampere and newer), as cuDNN's convolutions
+    already do by default.
+
+    Why: torch leaves fp32 matmuls in full fp32 by default, which runs an A100 / H100 at a fraction of its
+    tensor-core rate in every fp32 run (``--precision fp32``, feature extraction for k-NN); TF32 keeps fp32's
+    range with a 10-bit mantissa, as bf16 autocast would anyway do to the same products.
+    """
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
 
 
 def keep_freed_memory() -> bool:
@@ -215,32 +309,42 @@ def keep_freed_memory() -> bool:
 
 
 def init_distributed_mode(args: argparse.Namespace) -> None:
-    """Set up the process group for a plain process, torchrun, or SLURM, and pick the device.
+    """Set up the process group for a plain process, torchrun, ``srun`` or submitit, and pick the device.
 
     Sets ``args.rank``, ``args.world_size``, ``args.gpu`` (local device index), ``args.distributed`` and
     ``args.device``. A plain ``python script.py`` runs as world size 1 without a process group, so nothing
-    needs a launcher; gloo is used on CPU and NCCL on CUDA.
+    needs a launcher; gloo is used on CPU and NCCL on CUDA. A process that must run on a GPU (--device cuda,
+    a SLURM job given GPUs) and sees none stops with one line naming torch's CUDA build and the driver.
     """
     requested = getattr(args, "device", "auto")
-    if requested == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for, but torch sees no CUDA device")
     use_cuda = torch.cuda.is_available() and requested != "cpu"
+    reason = gpus_expected(requested)
+    if reason and not use_cuda:
+        fail(
+            f"{reason}, but torch sees no CUDA device: {cuda_build_and_driver()}; install a torch build for this "
+            "driver, or run with --device cpu"
+        )
+    if requested == "auto" and not use_cuda and nvidia_driver_version():
+        print(f"warning: torch sees no CUDA device ({cuda_build_and_driver()}): running on the CPU", file=sys.stderr)
 
-    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        _export_slurm_env()
-
+    if started_by_srun():
+        export_slurm_task_env()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         args.rank = int(os.environ["RANK"])
         args.world_size = int(os.environ["WORLD_SIZE"])
-        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
     else:
-        args.rank, args.world_size, args.gpu = 0, 1, 0
+        args.rank, args.world_size = 0, 1
+    local_rank = int(os.environ.get("LOCAL_RANK", args.rank % max(torch.cuda.device_count(), 1)))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
 
     args.distributed = args.world_size > 1
     if use_cuda:
+        args.gpu = pick_cuda_device(local_rank, local_world_size)
         torch.cuda.set_device(args.gpu)
         args.device = f"cuda:{args.gpu}"
+        enable_tf32()
     else:
+        args.gpu = local_rank
         args.device = "cpu"
         keep_freed_memory()
     if args.distributed:

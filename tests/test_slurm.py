@@ -223,7 +223,10 @@ def test_two_task_gpu_job_equals_torchrun(submit, seco_root, timeout_job, torchr
     """--ngpus 2 asks the node's GPU generic resources; the two tasks train with gloo to torchrun's weights.
     (timeout_job: started here, before the torchrun reference, see there.)"""
     out = tmp_path / "run"
-    job_id = submit([*SLURM, "--ngpus", "2", *PRETRAIN, "--epochs", str(EPOCHS)] + data(seco_root, out))
+    # --device cpu: the placeholder GPUs cannot run anything, and a job given GPUs stops without them
+    job_id = submit(
+        [*SLURM, "--ngpus", "2", "--device", "cpu", *PRETRAIN, "--epochs", str(EPOCHS)] + data(seco_root, out)
+    )
     job = wait_for_end(job_id, out)
     assert job["JobState"] == "COMPLETED", task_log(out, job_id, stream="err")[-3000:]
     assert job.get("TresPerNode") == "gres:gpu:2"
