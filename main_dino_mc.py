@@ -356,10 +356,12 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 class SeededSamples(torch.utils.data.Dataset):
-    """``dataset[index]`` drawn with torch's generator seeded from the sample's seed (the keys of
+    """``dataset[index]`` drawn with torch's CPU generator seeded from the sample's seed (the keys of
     :class:`ResumableSampler`). Everything SeCoDataset and its augmentation draw comes from that generator;
     the caller's state is restored afterwards, since in the main process (``--num_workers 0``) it also drives
-    dropout and drop-path."""
+    dropout and drop-path. Only the CPU generator is seeded: ``torch.manual_seed`` would also reseed every CUDA
+    generator, which ``fork_rng(devices=[])`` does not restore, and reset drop-path's stream on a GPU at
+    every sample."""
 
     def __init__(self, dataset: torch.utils.data.Dataset):
         self.dataset = dataset
@@ -370,7 +372,7 @@ class SeededSamples(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 

@@ -175,6 +175,20 @@ def test_data_stream_depends_only_on_seed_epoch_and_position():
     assert len(set(rows)) == len(rows) == 15  # no two samples of any rank or epoch share their draws
 
 
+def test_seeded_samples_leave_the_cuda_generators_alone(monkeypatch):
+    """A sample loaded in the main process (--num_workers 0) used to reseed every CUDA generator with its own
+    seed (torch.manual_seed), and fork_rng(devices=[]) did not restore them: drop-path on a GPU restarted
+    from the sample's seed at every sample. Its CPU draws are still a function of the seed alone."""
+    cuda_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeds.append)
+    samples = main_dino_mc.SeededSamples(RandomSamples())
+    first, again = samples[3, 77], samples[3, 77]
+    torch.manual_seed(77)
+    assert cuda_seeds == [77]  # the spy sees torch.manual_seed's reseeding
+    assert torch.equal(first[0], torch.rand(3)) and torch.equal(again[0], first[0])
+    assert cuda_seeds == [77]  # and none from the two samples
+
+
 # ============================================================================ preemption and exact resume
 
 
