@@ -453,7 +453,7 @@ def main(args: argparse.Namespace) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     torch.backends.cudnn.benchmark = True
-    precision = utils.resolve_precision(args, args.device)
+    precision = utils.resolve_precision(args, args.device, output_dir / "checkpoint.pth")
 
     # ============ data, models, loss, optimizer, schedules ============
     dataset, data_loader = build_data(args)

@@ -111,6 +111,11 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def warn(message: str) -> None:
+    """Print one warning line on stderr (the run goes on)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def run_cli(description: str, get_args_parser, main, argv: list[str] | None = None) -> None:
     """Every script's command-line entry: parse the flags, run ``main(args)``, and report bad arguments or bad
     data (ConfigError, DataError) as one line with exit code 2 instead of a traceback."""
@@ -359,22 +364,25 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
 
 # ============================================================================================ precision
 
+PRECISIONS = ("fp32", "fp16", "bf16")
+
 
 def add_precision_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("precision")
     group.add_argument(
         "--precision",
         default=None,
-        choices=["fp32", "fp16", "bf16", "auto"],
-        help="Training precision. fp16 = CUDA autocast with a GradScaler; bf16 = autocast on CPU "
-        "or CUDA; auto = bf16 where the GPU or CPU computes it natively, else fp16 on CUDA and fp32 on CPU. "
-        "Default: fp16 on CUDA when --use_fp16 is true (DINO's default), else fp32.",
+        choices=[*PRECISIONS, "auto"],
+        help="Training precision. Default: a resumed run's checkpoint's; else bf16 on a GPU that computes it "
+        "natively (Ampere and newer), fp32 on other GPUs and on CPU. fp16 = autocast with a GradScaler (only "
+        "when asked; patch-8 ViTs risk NaN losses); bf16 = autocast; auto = bf16 where the GPU or CPU computes "
+        "it natively, else fp32 (docs/gpu.md).",
     )
     group.add_argument(
         "--use_fp16",
-        default=True,
+        default=None,
         type=bool_flag,
-        help="DINO's flag, kept as an alias: true = --precision fp16 on CUDA.",
+        help="DINO's flag, kept as an alias when --precision is not given: true = fp16, false = fp32.",
     )
 
 
@@ -388,30 +396,76 @@ def cpu_has_native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def resolve_precision(args: argparse.Namespace, device: str | torch.device) -> str:
-    """The precision to run at: --precision if given (``auto``: bf16 where native, else fp16 on CUDA and fp32
-    on CPU), else DINO's --use_fp16 (which only applies on CUDA). bf16 on a CPU without native bf16 runs,
-    with a one-line warning."""
+def native_precision(on_cuda: bool) -> str:
+    """bf16 where the device computes it natively (a GPU of the Ampere generation or newer, a CPU with
+    AVX512-BF16 or AMX), else fp32. Never fp16: it needs a GradScaler and is known to lose DINO runs to NaN."""
+    if on_cuda:
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def requested_precision(args: argparse.Namespace) -> str | None:
+    """The precision the command line asks for (--precision, else DINO's --use_fp16), or None."""
+    if args.precision is not None:
+        return args.precision
+    if getattr(args, "use_fp16", None) is not None:
+        return "fp16" if args.use_fp16 else "fp32"
+    return None
+
+
+def checkpoint_precision(path: Path) -> str | None:
+    """The precision the run that wrote checkpoint ``path`` trained in, or None (no such file, or an older
+    checkpoint without a gradient scaler, whose fp32 or bf16 cannot be told apart and needs no scaler)."""
+    if not path.is_file():
+        return None
+    checkpoint = load_checkpoint_safely(path, mmap=True)  # the tensors stay on disk: only the small entries are read
+    saved = checkpoint.get("args", {}).get("precision") if isinstance(checkpoint.get("args"), dict) else None
+    if saved in PRECISIONS:
+        return saved
+    return "fp16" if any(key.endswith("scaler") for key in checkpoint) else None
+
+
+def resolve_precision(args: argparse.Namespace, device: str | torch.device, checkpoint: Path | None = None) -> str:
+    """The precision to run at, recorded in ``args`` (``precision``, and DINO's ``use_fp16``) so that the run's
+    checkpoints say which it was.
+
+    What the command line asks for (:func:`requested_precision`; ``auto``: :func:`native_precision`); else the
+    precision of the run being resumed from ``checkpoint``; else bf16 on a GPU with native bf16 and fp32
+    elsewhere (a CPU runs bf16 only when asked: without native bf16 it is emulated and slow). A resumed run
+    asked for another precision than its checkpoint's says so in one line, and so do fp16 with a patch-8 ViT
+    (DINO's authors advise against mixed precision when reducing the patch size: unstable, NaN losses) and
+    the emulated precisions on a CPU.
+    """
     on_cuda = torch.device(device).type == "cuda"
-    if args.precision is None:
-        return "fp16" if (args.use_fp16 and on_cuda) else "fp32"
-    if args.precision == "fp16" and not on_cuda:
-        fail("--precision fp16 needs a CUDA device; on CPU use --precision bf16 or fp32")
-    if args.precision == "auto":
-        if on_cuda:
-            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-        else:
-            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    asked = requested_precision(args)
+    saved = checkpoint_precision(checkpoint) if checkpoint is not None else None
+    if asked == "auto":
+        precision = native_precision(on_cuda)
         print(f"--precision auto: {precision} on this {'GPU' if on_cuda else 'CPU'}", flush=True)
-        return precision
-    if args.precision == "bf16" and not on_cuda and not cpu_has_native_bf16():
-        print(
-            "warning: --precision bf16 on a CPU without native bf16 (no AVX512-BF16 / AMX) runs about 3x slower "
-            "than fp32; use --precision fp32 (or auto)",
-            file=sys.stderr,
-            flush=True,
+    elif asked is not None:
+        precision = asked
+    elif saved is not None:
+        precision = saved
+    else:
+        precision = native_precision(on_cuda) if on_cuda else "fp32"
+    if saved is not None and asked is None:
+        print(f"Resuming in {saved}, the precision {checkpoint} was trained in", flush=True)
+    elif saved is not None and precision != saved:
+        print(f"{checkpoint} was trained in {saved}: resuming in {precision}, as asked", flush=True)
+    if precision == "fp16" and getattr(args, "patch_size", None) == 8 and is_vit_arch(getattr(args, "arch", "")):
+        warn(
+            "fp16 with a patch-8 ViT: DINO's authors advise against mixed precision when reducing the patch size "
+            "(unstable training, NaN losses); bf16 (Ampere or newer GPUs) or fp32 is safer"
         )
-    return args.precision
+    if not on_cuda and precision == "fp16":
+        warn("--precision fp16 on a CPU is emulated and slower than fp32; it is meant for testing the GPU's fp16 path")
+    if not on_cuda and precision == "bf16" and not cpu_has_native_bf16():
+        warn(
+            "--precision bf16 on a CPU without native bf16 (no AVX512-BF16 / AMX) runs about 3x slower than fp32; "
+            "use --precision fp32 (or auto)"
+        )
+    args.precision, args.use_fp16 = precision, precision == "fp16"
+    return precision
 
 
 def autocast(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
@@ -535,6 +589,11 @@ def add_backbone_args(parser: argparse.ArgumentParser, arch: str = "vit_small", 
         type=str,
         help="Input bands: RGB (B4,B3,B2), ALL (12 Sentinel-2 L2A bands) or a list like B4,B3,B2,B8.",
     )
+
+
+def is_vit_arch(arch: str) -> bool:
+    """Whether --arch names one of this project's ViTs (DINO's ``deit`` alias included)."""
+    return arch.replace("deit", "vit") in VIT_ARCHS
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -1075,10 +1134,8 @@ def restart_from_checkpoint(ckp_path: str | Path, run_variables: dict | None = N
     print(f"Found checkpoint at {ckp_path}")
     checkpoint = load_checkpoint_safely(ckp_path)
     for key, value in kwargs.items():
-        if key.endswith("scaler"):
-            _check_same_precision(ckp_path, key, checkpoint, value)
-        if value is None:
-            continue
+        if value is None or (key.endswith("scaler") and key not in checkpoint):
+            continue  # a gradient scaler starts afresh when the checkpoint's run used none (another precision)
         if key not in checkpoint:
             raise ConfigError(
                 f"cannot resume from {ckp_path}: it has no '{key}' entry (not a checkpoint of this script?)"
@@ -1098,21 +1155,6 @@ def restart_from_checkpoint(ckp_path: str | Path, run_variables: dict | None = N
             if var_name in checkpoint:
                 run_variables[var_name] = checkpoint[var_name]
     return True
-
-
-def _check_same_precision(ckp_path: str | Path, key: str, checkpoint: dict, scaler: Any) -> None:
-    """A GradScaler entry (``fp16_scaler``, ``scaler``) exists exactly when the run used fp16: resuming across a
-    change of ``--precision`` is refused in one line rather than failing on the missing entry."""
-    if (key in checkpoint) == (scaler is not None):
-        return
-    then = (
-        "an fp16 run (it holds a gradient scaler)" if key in checkpoint else "a run without fp16 (no gradient scaler)"
-    )
-    now = "uses fp16" if scaler is not None else "does not"
-    raise ConfigError(
-        f"cannot resume from {ckp_path}: it was written by {then} and this run {now}; "
-        "resume with the checkpoint's --precision, or use another --output_dir"
-    )
 
 
 def _match_module_prefix(state: dict, target: dict) -> dict:
@@ -1257,16 +1299,17 @@ def _numpy_globals() -> list:
     return [*builders, np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64))]
 
 
-def load_checkpoint_safely(path: str | Path) -> Any:
+def load_checkpoint_safely(path: str | Path, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)``: tensors, containers and the few allowlisted classes only.
 
     Published DINO / DINO-MC checkpoints store ``args`` as an ``argparse.Namespace``, which is allowlisted
     with numpy's array and scalar constructors; anything else a pickle asks for (a function to call, a class
-    to build) is refused before it can run, so a downloaded file cannot execute code on load.
+    to build) is refused before it can run, so a downloaded file cannot execute code on load. ``mmap`` leaves
+    the tensors on disk until they are used (reading a few small entries of a large checkpoint).
     """
     try:
         with torch.serialization.safe_globals([argparse.Namespace, *_numpy_globals()]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f"it asks for {unsafe.group(1)}" if unsafe else one_line(err)
