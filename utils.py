@@ -1078,11 +1078,14 @@ def save_on_master(obj: Any, path: str | Path) -> None:
         save_checkpoint(obj, path)
 
 
-def get_rng_state() -> dict:
-    """All random generators that shape a run (python, numpy, torch CPU and CUDA), for exact resumption.
+def get_rng_state(device: str | torch.device = "cpu") -> dict:
+    """All random generators that shape a run (python, numpy, torch's CPU one, and the CUDA generator of
+    ``device`` when it is a GPU), for exact resumption.
 
-    Held as tensors, ints and tuples only (numpy's key array as a tensor), so that a checkpoint carrying it
-    loads with plain ``torch.load`` (weights_only) and no allowlist.
+    Only the run's own GPU's generator: reading every visible GPU's would create a CUDA context on each of
+    them in every process, and a resume that sees fewer GPUs (one per task) could not put them back. Held as
+    tensors, ints and tuples only (numpy's key array as a tensor), so that a checkpoint carrying it loads with
+    plain ``torch.load`` (weights_only) and no allowlist.
     """
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
@@ -1090,18 +1093,25 @@ def get_rng_state() -> dict:
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: str | torch.device = "cpu") -> None:
+    """Put back what :func:`get_rng_state` saved; the CUDA generator goes to ``device`` when it is a GPU.
+    Older checkpoints hold a list with every visible GPU's: the one of the device's index is taken."""
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))  # older checkpoints: a numpy array
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    device = torch.device(device)
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):
+        index = device.index or 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def plain_args(args: argparse.Namespace) -> dict:
