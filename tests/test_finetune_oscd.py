@@ -24,7 +24,7 @@ from segmentation import SiameseUNet
 CITIES = {"aa": (96, 96), "bb": (80, 100), "cc": (90, 96), "dd": (96, 70), "tt": (72, 100)}
 TRAIN, TEST = ["aa", "bb", "cc", "dd"], ["tt"]
 FAST = ["--arch", "resnet18", "--pretrained_weights", "none", "--tile_size", "32", "--num_workers", "0"]
-FAST += ["--batch_size_per_gpu", "4", "--lr", "0.001", "--print_freq", "100"]
+FAST += ["--batch_size_per_gpu", "4", "--lr", "0.001", "--print_freq", "100", "--device", "cpu"]
 
 
 def write_planted_oscd(root, cities=CITIES, train=TRAIN, test=TEST):

@@ -34,11 +34,13 @@ CLUSTER_WAIT_S = 240
 JOB_WAIT_S = 420
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 EPOCHS = 4  # enough for the preemption signal to land while the job trains (it is sent after epoch 0)
-# A 2-task job on 8 locations: two iterations per epoch; small crops and head so that an epoch takes a second
+# A 2-task job on 8 locations: two iterations per epoch; small crops and head so that an epoch takes a second.
+# On the CPU: the placeholder GPUs run nothing, and a job given GPUs stops when torch sees none.
 PRETRAIN = [
     *("--arch", "vit_tiny", "--patch_size", "16", "--data_mode", "mc", "--batch_size_per_gpu", "2"),
     *("--out_dim", "256", "--precision", "fp32", "--seed", "0", "--local_crops_number", "2"),
     *("--global_crops_size", "64", "--size_crops", "48", "32", "--saveckp_freq", "0", "--num_workers", "0"),
+    *("--device", "cpu"),
 ]
 # The cluster's partition, with resources this machine has (the launcher's defaults ask for 10 CPUs a task)
 SLURM = ["--partition", "debug", "--cpus_per_task", "1", "--mem_per_gpu", "1", "--timeout", "30"]
@@ -223,10 +225,7 @@ def test_two_task_gpu_job_equals_torchrun(submit, seco_root, timeout_job, torchr
     """--ngpus 2 asks the node's GPU generic resources; the two tasks train with gloo to torchrun's weights.
     (timeout_job: started here, before the torchrun reference, see there.)"""
     out = tmp_path / "run"
-    # --device cpu: the placeholder GPUs cannot run anything, and a job given GPUs stops without them
-    job_id = submit(
-        [*SLURM, "--ngpus", "2", "--device", "cpu", *PRETRAIN, "--epochs", str(EPOCHS)] + data(seco_root, out)
-    )
+    job_id = submit([*SLURM, "--ngpus", "2", *PRETRAIN, "--epochs", str(EPOCHS)] + data(seco_root, out))
     job = wait_for_end(job_id, out)
     assert job["JobState"] == "COMPLETED", task_log(out, job_id, stream="err")[-3000:]
     assert job.get("TresPerNode") == "gres:gpu:2"
