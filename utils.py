@@ -116,19 +116,46 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+# What gloo says when the process at the other end of a collective is gone (killed, crashed, out of memory)
+PEER_LOST_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
 def run_cli(description: str, get_args_parser, main, argv: list[str] | None = None) -> None:
-    """Every script's command-line entry: parse the flags, run ``main(args)``, and report bad arguments or bad
-    data (ConfigError, DataError) as one line with exit code 2 instead of a traceback."""
+    """Every script's command-line entry: parse the flags and :func:`run_main`."""
+    parser = argparse.ArgumentParser(description, parents=[get_args_parser()])
+    run_main(main, parser.parse_args(argv))
+
+
+def run_main(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
+    """Run ``main(args)`` (from the command line or a submitit task): bad arguments or bad data (ConfigError,
+    DataError) end in one line with exit code 2, a collective that lost another process of the job in one line
+    with exit code 1 (instead of a traceback per surviving process), and the process group is destroyed."""
     from datasets import DataError
 
-    parser = argparse.ArgumentParser(description, parents=[get_args_parser()])
-    args = parser.parse_args(argv)
     try:
         main(args)
     except (DataError, ConfigError) as err:
         fail(one_line(err))
+    except RuntimeError as err:
+        if not lost_peer(err):
+            raise
+        # gloo's message without its source location and its advice: "Read error [addr]: Connection reset by peer"
+        cause = re.sub(r"^\[[^\]]*\] ", "", one_line(err)).split(". This is typically")[0]
+        fail(
+            f"another process of this job stopped ({cause}); stopping too. Its own log says why; run the same "
+            "command again to resume from the last checkpoint",
+            code=1,
+        )
     finally:
         close_distributed()
+
+
+def lost_peer(err: RuntimeError) -> bool:
+    """Whether a distributed run's error is a collective that lost its peer (gloo's connection errors, NCCL's
+    DistBackendError) rather than a failure of this process."""
+    if not is_dist_avail_and_initialized() or get_world_size() == 1:
+        return False
+    return isinstance(err, dist.DistBackendError) or any(message in str(err) for message in PEER_LOST_MESSAGES)
 
 
 # ============================================================================================ distributed

@@ -308,6 +308,22 @@ def test_signal_to_one_rank_stops_both_at_the_same_iteration(seco_root, tmp_path
     assert f"preempted at epoch 0, iteration {ckpt['iteration']}" in results[0][1]
 
 
+def test_killed_rank_stops_the_other_with_one_line(seco_root, tmp_path):
+    """SIGKILL to rank 1 mid-epoch (out of memory, a node lost): rank 0's next collective finds its peer gone and
+    stops with one line and exit code 1, instead of a gloo traceback; the checkpoint of epoch 0 is kept."""
+    procs = start_ranks(["main_dino_mc.py", *tiny_args(seco_root, tmp_path, "--batch_size_per_gpu", "1")])
+    for line in procs[0].stdout:
+        if line.startswith(f"Epoch: [1/2]  [1/{ITERS_PER_EPOCH}]"):
+            procs[1].kill()
+            break
+    (code, _, err), (killed, _, _) = finish(procs)
+    lines = err.strip().splitlines()
+    assert (code, killed) == (1, -signal.SIGKILL), err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: another process of this job stopped (")
+    assert "by peer" in lines[0] and lines[0].endswith("resume from the last checkpoint")
+    assert torch.load(tmp_path / "checkpoint.pth")["epoch"] == 1
+
+
 NAN_ON_RANK_1 = """
 import os, sys
 import main_dino_mc
