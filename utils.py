@@ -357,7 +357,7 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
             "driver, or run with --device cpu"
         )
     if requested == "auto" and not use_cuda and nvidia_driver_version():
-        print(f"warning: torch sees no CUDA device ({cuda_build_and_driver()}): running on the CPU", file=sys.stderr)
+        warn(f"torch sees no CUDA device ({cuda_build_and_driver()}): running on the CPU")
 
     if started_by_srun():
         export_slurm_task_env()
