@@ -91,13 +91,14 @@ def check_finetune_args(args: argparse.Namespace) -> None:
 
 
 def setup(args: argparse.Namespace) -> str:
-    """Distributed mode, device, seeds and output folder; returns the precision to run at."""
+    """Distributed mode, device, seeds and output folder; returns the precision to run at (a resumed run's
+    checkpoint's unless --precision asks for another)."""
     utils.init_distributed_mode(args)
     check_finetune_args(args)
     utils.fix_random_seeds(args.seed)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-    return utils.resolve_precision(args, args.device)
+    return utils.resolve_precision(args, args.device, Path(args.output_dir) / "checkpoint.pth")
 
 
 def build_backbone(args: argparse.Namespace, in_chans: int) -> tuple[nn.Module, int]:

@@ -415,10 +415,12 @@ class ShardBlockSampler(ResumableSampler):
 
 
 class SeededSamples(torch.utils.data.Dataset):
-    """``dataset[index]`` drawn with torch's generator seeded from the sample's seed (the keys of
+    """``dataset[index]`` drawn with torch's CPU generator seeded from the sample's seed (the keys of
     :class:`ResumableSampler`). Everything SeCoDataset and its augmentation draw comes from that generator;
     the caller's state is restored afterwards, since in the main process (``--num_workers 0``) it also drives
-    dropout and drop-path."""
+    dropout and drop-path. Only the CPU generator is seeded: ``torch.manual_seed`` would also reseed every CUDA
+    generator, which ``fork_rng(devices=[])`` does not restore, and reset drop-path's stream on a GPU at
+    every sample."""
 
     def __init__(self, dataset: torch.utils.data.Dataset):
         self.dataset = dataset
@@ -429,7 +431,7 @@ class SeededSamples(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 
@@ -483,6 +485,12 @@ def build_data(
     return dataset, loader, to_crops
 
 
+def uses_sync_batchnorm(model: nn.Module, args: argparse.Namespace) -> bool:
+    """Whether the BatchNorm layers of a distributed run are synchronised across processes: on CUDA only,
+    where torch implements SyncBatchNorm (a CPU run keeps per-process statistics)."""
+    return args.distributed and utils.has_batchnorms(model) and args.device.startswith("cuda")
+
+
 def build_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, nn.Module]:
     """Student (possibly DDP-wrapped), teacher, and the teacher without its DDP wrapper."""
     in_chans = len(args.bands.split(","))
@@ -499,15 +507,15 @@ def build_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, nn.Mod
         teacher = teacher.to(memory_format=torch.channels_last)
 
     teacher_without_ddp = teacher
-    on_cuda = args.device.startswith("cuda")
-    if args.distributed and utils.has_batchnorms(student) and on_cuda:
+    device_ids = [args.gpu] if args.device.startswith("cuda") else None
+    if uses_sync_batchnorm(student, args):
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         # SyncBatchNorm only synchronises inside DDP, hence a DDP wrapper around the teacher too
-        teacher = nn.parallel.DistributedDataParallel(teacher, device_ids=[args.gpu])
+        teacher = nn.parallel.DistributedDataParallel(teacher, device_ids=device_ids)
         teacher_without_ddp = teacher.module
     if args.distributed:
-        student = nn.parallel.DistributedDataParallel(student, device_ids=[args.gpu] if on_cuda else None)
+        student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
     student_without_ddp = student.module if args.distributed else student
     teacher_without_ddp.load_state_dict(student_without_ddp.state_dict())
     for p in teacher.parameters():
@@ -524,7 +532,7 @@ def main(args: argparse.Namespace) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     torch.backends.cudnn.benchmark = True
-    precision = utils.resolve_precision(args, args.device)
+    precision = utils.resolve_precision(args, args.device, output_dir / "checkpoint.pth")
 
     # ============ data, models, loss, optimizer, schedules ============
     dataset, data_loader, to_crops = build_data(args)
@@ -571,7 +579,7 @@ def main(args: argparse.Namespace) -> None:
         utils.trim_json_log(output_dir / "log.txt", start_epoch)
     tensorboard = utils.TensorBoardLog(output_dir, args.tensorboard, start_epoch)
     if to_restore["rng_state"] is not None:
-        restore_rng_state(to_restore["rng_state"], args.seed, start_epoch)
+        restore_rng_state(to_restore["rng_state"], args.seed, start_epoch, args.device)
 
     def save(epoch: int, iteration: int, meters: dict) -> dict:
         """checkpoint.pth to resume from at ``iteration`` of ``epoch`` (0: the epoch's start), with the epoch's
@@ -585,7 +593,7 @@ def main(args: argparse.Namespace) -> None:
             "meters": meters,
             "args": utils.plain_args(args),
             "dino_loss": dino_loss.state_dict(),
-            "rng_state": gather_rng_states(),
+            "rng_state": gather_rng_states(args.device),
         }
         if fp16_scaler is not None:
             save_dict["fp16_scaler"] = fp16_scaler.state_dict()
@@ -693,9 +701,9 @@ def online_knn(teacher: utils.MultiCropWrapper, knn_sets: tuple, args: argparse.
     return {f"knn_top1_k{k}": top1 for k, (top1, _) in accuracies.items()}
 
 
-def gather_rng_states() -> list[dict]:
+def gather_rng_states(device: str) -> list[dict]:
     """Every rank's RNG state (rank order), so that a resumed multi-process run continues each stream."""
-    state = utils.get_rng_state()
+    state = utils.get_rng_state(device)
     if not utils.is_dist_avail_and_initialized():
         return [state]
     states: list = [None] * dist.get_world_size()
@@ -718,10 +726,10 @@ def resume_iteration(checkpoint: dict, args: argparse.Namespace, niter: int) -> 
     return iteration
 
 
-def restore_rng_state(states: list[dict], seed: int, epoch: int) -> None:
+def restore_rng_state(states: list[dict], seed: int, epoch: int, device: str) -> None:
     """Restore this rank's RNG stream; with a different world size, reseed per rank and epoch instead."""
     if len(states) == utils.get_world_size():
-        utils.set_rng_state(states[utils.get_rank()])
+        utils.set_rng_state(states[utils.get_rank()], device)
     else:
         print(
             f"Checkpoint has RNG states for {len(states)} processes, this run has {utils.get_world_size()}: "

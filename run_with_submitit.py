@@ -173,10 +173,7 @@ class Trainer:
         submitit.slurm.slurm.SlurmJobEnvironment._requeue = requeue_slurm_job
         handle_requeue_signal(self)
         print(f"{self.script}: {job_env} (requeued {self.requeues} times so far)", flush=True)
-        try:
-            module.main(copy.deepcopy(self.args))
-        finally:
-            utils.close_distributed()
+        utils.run_main(module.main, copy.deepcopy(self.args))
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
         """Called by submitit on rank 0 at timeout or preemption: the same run to requeue, or None to stop.

@@ -76,13 +76,19 @@ class ViTEncoder(nn.Module):
 
 
 class SwinEncoder(nn.Module):
-    """The outputs of the 4 stages of a torchvision Swin (channels-last inside, returned as NCHW)."""
+    """The outputs of the 4 stages of a torchvision Swin (channels-last inside, returned as NCHW).
+
+    The backbone's final LayerNorm (``norm``, before the classifier's pooling) is not on this path: it is
+    frozen, since a trainable parameter that never gets a gradient stops DistributedDataParallel at its second
+    step ("Expected to have finished reduction") when the encoder is fine-tuned on several processes.
+    """
 
     STAGES = (1, 3, 5, 7)  # indexes in swin.features: stage blocks, between the patch-merging layers
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
+        backbone.norm.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         maps = []

@@ -111,19 +111,51 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def warn(message: str) -> None:
+    """Print one warning line on stderr (the run goes on)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# What gloo says when the process at the other end of a collective is gone (killed, crashed, out of memory)
+PEER_LOST_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
 def run_cli(description: str, get_args_parser, main, argv: list[str] | None = None) -> None:
-    """Every script's command-line entry: parse the flags, run ``main(args)``, and report bad arguments or bad
-    data (ConfigError, DataError) as one line with exit code 2 instead of a traceback."""
+    """Every script's command-line entry: parse the flags and :func:`run_main`."""
+    parser = argparse.ArgumentParser(description, parents=[get_args_parser()])
+    run_main(main, parser.parse_args(argv))
+
+
+def run_main(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
+    """Run ``main(args)`` (from the command line or a submitit task): bad arguments or bad data (ConfigError,
+    DataError) end in one line with exit code 2, a collective that lost another process of the job in one line
+    with exit code 1 (instead of a traceback per surviving process), and the process group is destroyed."""
     from datasets import DataError
 
-    parser = argparse.ArgumentParser(description, parents=[get_args_parser()])
-    args = parser.parse_args(argv)
     try:
         main(args)
     except (DataError, ConfigError) as err:
         fail(one_line(err))
+    except RuntimeError as err:
+        if not lost_peer(err):
+            raise
+        # gloo's message without its source location and its advice: "Read error [addr]: Connection reset by peer"
+        cause = re.sub(r"^\[[^\]]*\] ", "", one_line(err)).split(". This is typically")[0]
+        fail(
+            f"another process of this job stopped ({cause}); stopping too. Its own log says why; run the same "
+            "command again to resume from the last checkpoint",
+            code=1,
+        )
     finally:
         close_distributed()
+
+
+def lost_peer(err: RuntimeError) -> bool:
+    """Whether a distributed run's error is a collective that lost its peer (gloo's connection errors, NCCL's
+    DistBackendError) rather than a failure of this process."""
+    if not is_dist_avail_and_initialized() or get_world_size() == 1:
+        return False
+    return isinstance(err, dist.DistBackendError) or any(message in str(err) for message in PEER_LOST_MESSAGES)
 
 
 # ============================================================================================ distributed
@@ -181,19 +213,113 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--local_rank", default=0, type=int, help="Set by old launchers; please ignore.")
     group.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when available, else CPU."
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto = CUDA when available, else CPU; a job that was given GPUs and cannot use them stops instead.",
     )
 
 
-def _export_slurm_env() -> None:
-    """Under ``srun`` with several tasks, export torchrun-style variables from the SLURM environment.
+# Set by SLURM in a job (step) that was given GPUs as generic resources (--gres gpu:N, --gpus-per-node, ...)
+SLURM_GPU_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
+MASTER_PORTS = (20000, 60000)  # the range of the port derived from a SLURM job id, as submitit's
+NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
 
-    submitit computes the master address from the node list, rank, local rank and world size; exporting them
-    as MASTER_ADDR / RANK / ... lets SLURM jobs share the torchrun code path below.
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[003-010,012],cpu1" -> "gpu003"), without calling scontrol."""
+    match = re.match(r"([^,\[]+)(?:\[([^\],-]+))?", nodelist)
+    if match is None:
+        raise ConfigError(f"cannot read the SLURM node list {nodelist!r}; set MASTER_ADDR to the first node's name")
+    return match.group(1) + (match.group(2) or "")
+
+
+def export_slurm_task_env() -> None:
+    """torchrun's variables for a task that ``srun`` started directly, read from SLURM's own, as DINO does.
+
+    Rank = SLURM_PROCID, local rank = SLURM_LOCALID, world size = SLURM_NTASKS, tasks on this node =
+    SLURM_NTASKS_PER_NODE where given. The master is the first node of the step and its port is derived from
+    the job id, so every task finds the same address without talking to the others; MASTER_ADDR and
+    MASTER_PORT set by the user are kept. Nothing here needs submitit.
     """
-    import submitit
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost")
+    low, high = MASTER_PORTS
+    job_id = int(os.environ.get("SLURM_JOB_ID", "0"))
+    os.environ.setdefault("MASTER_ADDR", first_slurm_host(nodelist))
+    os.environ.setdefault("MASTER_PORT", str(low + job_id % (high - low)))
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "SLURM_NTASKS_PER_NODE" in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["SLURM_NTASKS_PER_NODE"]
 
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+def started_by_srun() -> bool:
+    """Whether this process is one of several tasks that srun started (and no launcher set RANK already)."""
+    return "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def nvidia_driver_version() -> str | None:
+    """The loaded NVIDIA kernel driver's version (Linux), or None where there is none."""
+    try:
+        text = NVIDIA_DRIVER_FILE.read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([\d.]+)", text)
+    return match.group(1) if match else "of unknown version"
+
+
+def cuda_build_and_driver() -> str:
+    """Which CUDA this torch was built for and which driver the node has: why torch may see no GPU."""
+    build = (
+        f"torch {torch.__version__} built for CUDA {torch.version.cuda}"
+        if torch.version.cuda
+        else (f"torch {torch.__version__} is a CPU-only build")
+    )
+    driver = nvidia_driver_version()
+    return f"{build}, NVIDIA driver {driver}" if driver else f"{build}, no NVIDIA driver loaded"
+
+
+def gpus_expected(requested: str) -> str | None:
+    """Why this process must run on a GPU (--device cuda, or a SLURM job holding GPUs), or None."""
+    if requested == "cuda":
+        return "--device cuda was asked for"
+    if requested == "auto":
+        for name in SLURM_GPU_VARIABLES:
+            if os.environ.get(name):
+                return f"this SLURM job was given GPUs ({name}={os.environ[name]})"
+    return None
+
+
+def pick_cuda_device(local_rank: int, local_world_size: int) -> int:
+    """The CUDA device of the process with this local rank, of ``local_world_size`` processes on the node.
+
+    A task that sees one GPU uses it (srun --gpus-per-task, --gpu-bind, or a per-task CUDA_VISIBLE_DEVICES:
+    each task's own GPU is its device 0); otherwise each process takes the GPU of its local rank. More
+    processes on a node than visible GPUs is refused by every process alike, so that none waits for the others.
+    """
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if max(local_world_size, local_rank + 1) > count:
+        fail(
+            f"{local_world_size} processes on this node but {count} visible GPUs (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process per GPU "
+            f"(torchrun --nproc_per_node {count}, srun --ntasks-per-node {count}) or give each task its own GPU "
+            "(srun --gpus-per-task 1)"
+        )
+    return local_rank
+
+
+def enable_tf32() -> None:
+    """Let fp32 matrix products on CUDA use TF32 tensor cores (Ampere and newer), as cuDNN's convolutions
+    already do by default.
+
+    Why: torch leaves fp32 matmuls in full fp32 by default, which runs an A100 / H100 at a fraction of its
+    tensor-core rate in every fp32 run (``--precision fp32``, feature extraction for k-NN); TF32 keeps fp32's
+    range with a 10-bit mantissa, as bf16 autocast would anyway do to the same products.
+    """
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
 
 
 def keep_freed_memory() -> bool:
@@ -215,32 +341,42 @@ def keep_freed_memory() -> bool:
 
 
 def init_distributed_mode(args: argparse.Namespace) -> None:
-    """Set up the process group for a plain process, torchrun, or SLURM, and pick the device.
+    """Set up the process group for a plain process, torchrun, ``srun`` or submitit, and pick the device.
 
     Sets ``args.rank``, ``args.world_size``, ``args.gpu`` (local device index), ``args.distributed`` and
     ``args.device``. A plain ``python script.py`` runs as world size 1 without a process group, so nothing
-    needs a launcher; gloo is used on CPU and NCCL on CUDA.
+    needs a launcher; gloo is used on CPU and NCCL on CUDA. A process that must run on a GPU (--device cuda,
+    a SLURM job given GPUs) and sees none stops with one line naming torch's CUDA build and the driver.
     """
     requested = getattr(args, "device", "auto")
-    if requested == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for, but torch sees no CUDA device")
     use_cuda = torch.cuda.is_available() and requested != "cpu"
+    reason = gpus_expected(requested)
+    if reason and not use_cuda:
+        fail(
+            f"{reason}, but torch sees no CUDA device: {cuda_build_and_driver()}; install a torch build for this "
+            "driver, or run with --device cpu"
+        )
+    if requested == "auto" and not use_cuda and nvidia_driver_version():
+        warn(f"torch sees no CUDA device ({cuda_build_and_driver()}): running on the CPU")
 
-    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        _export_slurm_env()
-
+    if started_by_srun():
+        export_slurm_task_env()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         args.rank = int(os.environ["RANK"])
         args.world_size = int(os.environ["WORLD_SIZE"])
-        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
     else:
-        args.rank, args.world_size, args.gpu = 0, 1, 0
+        args.rank, args.world_size = 0, 1
+    local_rank = int(os.environ.get("LOCAL_RANK", args.rank % max(torch.cuda.device_count(), 1)))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
 
     args.distributed = args.world_size > 1
     if use_cuda:
+        args.gpu = pick_cuda_device(local_rank, local_world_size)
         torch.cuda.set_device(args.gpu)
         args.device = f"cuda:{args.gpu}"
+        enable_tf32()
     else:
+        args.gpu = local_rank
         args.device = "cpu"
         keep_freed_memory()
     if args.distributed:
@@ -255,22 +391,25 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
 
 # ============================================================================================ precision
 
+PRECISIONS = ("fp32", "fp16", "bf16")
+
 
 def add_precision_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("precision")
     group.add_argument(
         "--precision",
         default=None,
-        choices=["fp32", "fp16", "bf16", "auto"],
-        help="Training precision. fp16 = CUDA autocast with a GradScaler; bf16 = autocast on CPU "
-        "or CUDA; auto = bf16 where the GPU or CPU computes it natively, else fp16 on CUDA and fp32 on CPU. "
-        "Default: fp16 on CUDA when --use_fp16 is true (DINO's default), else fp32.",
+        choices=[*PRECISIONS, "auto"],
+        help="Training precision. Default: a resumed run's checkpoint's; else bf16 on a GPU that computes it "
+        "natively (Ampere and newer), fp32 on other GPUs and on CPU. fp16 = autocast with a GradScaler (only "
+        "when asked; patch-8 ViTs risk NaN losses); bf16 = autocast; auto = bf16 where the GPU or CPU computes "
+        "it natively, else fp32 (docs/gpu.md).",
     )
     group.add_argument(
         "--use_fp16",
-        default=True,
+        default=None,
         type=bool_flag,
-        help="DINO's flag, kept as an alias: true = --precision fp16 on CUDA.",
+        help="DINO's flag, kept as an alias when --precision is not given: true = fp16, false = fp32.",
     )
 
 
@@ -284,30 +423,76 @@ def cpu_has_native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def resolve_precision(args: argparse.Namespace, device: str | torch.device) -> str:
-    """The precision to run at: --precision if given (``auto``: bf16 where native, else fp16 on CUDA and fp32
-    on CPU), else DINO's --use_fp16 (which only applies on CUDA). bf16 on a CPU without native bf16 runs,
-    with a one-line warning."""
+def native_precision(on_cuda: bool) -> str:
+    """bf16 where the device computes it natively (a GPU of the Ampere generation or newer, a CPU with
+    AVX512-BF16 or AMX), else fp32. Never fp16: it needs a GradScaler and is known to lose DINO runs to NaN."""
+    if on_cuda:
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def requested_precision(args: argparse.Namespace) -> str | None:
+    """The precision the command line asks for (--precision, else DINO's --use_fp16), or None."""
+    if args.precision is not None:
+        return args.precision
+    if getattr(args, "use_fp16", None) is not None:
+        return "fp16" if args.use_fp16 else "fp32"
+    return None
+
+
+def checkpoint_precision(path: Path) -> str | None:
+    """The precision the run that wrote checkpoint ``path`` trained in, or None (no such file, or an older
+    checkpoint without a gradient scaler, whose fp32 or bf16 cannot be told apart and needs no scaler)."""
+    if not path.is_file():
+        return None
+    checkpoint = load_checkpoint_safely(path, mmap=True)  # the tensors stay on disk: only the small entries are read
+    saved = checkpoint.get("args", {}).get("precision") if isinstance(checkpoint.get("args"), dict) else None
+    if saved in PRECISIONS:
+        return saved
+    return "fp16" if any(key.endswith("scaler") for key in checkpoint) else None
+
+
+def resolve_precision(args: argparse.Namespace, device: str | torch.device, checkpoint: Path | None = None) -> str:
+    """The precision to run at, recorded in ``args`` (``precision``, and DINO's ``use_fp16``) so that the run's
+    checkpoints say which it was.
+
+    What the command line asks for (:func:`requested_precision`; ``auto``: :func:`native_precision`); else the
+    precision of the run being resumed from ``checkpoint``; else bf16 on a GPU with native bf16 and fp32
+    elsewhere (a CPU runs bf16 only when asked: without native bf16 it is emulated and slow). A resumed run
+    asked for another precision than its checkpoint's says so in one line, and so do fp16 with a patch-8 ViT
+    (DINO's authors advise against mixed precision when reducing the patch size: unstable, NaN losses) and
+    the emulated precisions on a CPU.
+    """
     on_cuda = torch.device(device).type == "cuda"
-    if args.precision is None:
-        return "fp16" if (args.use_fp16 and on_cuda) else "fp32"
-    if args.precision == "fp16" and not on_cuda:
-        fail("--precision fp16 needs a CUDA device; on CPU use --precision bf16 or fp32")
-    if args.precision == "auto":
-        if on_cuda:
-            precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-        else:
-            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    asked = requested_precision(args)
+    saved = checkpoint_precision(checkpoint) if checkpoint is not None else None
+    if asked == "auto":
+        precision = native_precision(on_cuda)
         print(f"--precision auto: {precision} on this {'GPU' if on_cuda else 'CPU'}", flush=True)
-        return precision
-    if args.precision == "bf16" and not on_cuda and not cpu_has_native_bf16():
-        print(
-            "warning: --precision bf16 on a CPU without native bf16 (no AVX512-BF16 / AMX) runs about 3x slower "
-            "than fp32; use --precision fp32 (or auto)",
-            file=sys.stderr,
-            flush=True,
+    elif asked is not None:
+        precision = asked
+    elif saved is not None:
+        precision = saved
+    else:
+        precision = native_precision(on_cuda) if on_cuda else "fp32"
+    if saved is not None and asked is None:
+        print(f"Resuming in {saved}, the precision {checkpoint} was trained in", flush=True)
+    elif saved is not None and precision != saved:
+        print(f"{checkpoint} was trained in {saved}: resuming in {precision}, as asked", flush=True)
+    if precision == "fp16" and getattr(args, "patch_size", None) == 8 and is_vit_arch(getattr(args, "arch", "")):
+        warn(
+            "fp16 with a patch-8 ViT: DINO's authors advise against mixed precision when reducing the patch size "
+            "(unstable training, NaN losses); bf16 (Ampere or newer GPUs) or fp32 is safer"
         )
-    return args.precision
+    if not on_cuda and precision == "fp16":
+        warn("--precision fp16 on a CPU is emulated and slower than fp32; it is meant for testing the GPU's fp16 path")
+    if not on_cuda and precision == "bf16" and not cpu_has_native_bf16():
+        warn(
+            "--precision bf16 on a CPU without native bf16 (no AVX512-BF16 / AMX) runs about 3x slower than fp32; "
+            "use --precision fp32 (or auto)"
+        )
+    args.precision, args.use_fp16 = precision, precision == "fp16"
+    return precision
 
 
 def autocast(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
@@ -431,6 +616,11 @@ def add_backbone_args(parser: argparse.ArgumentParser, arch: str = "vit_small", 
         type=str,
         help="Input bands: RGB (B4,B3,B2), ALL (12 Sentinel-2 L2A bands) or a list like B4,B3,B2,B8.",
     )
+
+
+def is_vit_arch(arch: str) -> bool:
+    """Whether --arch names one of this project's ViTs (DINO's ``deit`` alias included)."""
+    return arch.replace("deit", "vit") in VIT_ARCHS
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -918,11 +1108,14 @@ def save_on_master(obj: Any, path: str | Path) -> None:
         save_checkpoint(obj, path)
 
 
-def get_rng_state() -> dict:
-    """All random generators that shape a run (python, numpy, torch CPU and CUDA), for exact resumption.
+def get_rng_state(device: str | torch.device = "cpu") -> dict:
+    """All random generators that shape a run (python, numpy, torch's CPU one, and the CUDA generator of
+    ``device`` when it is a GPU), for exact resumption.
 
-    Held as tensors, ints and tuples only (numpy's key array as a tensor), so that a checkpoint carrying it
-    loads with plain ``torch.load`` (weights_only) and no allowlist.
+    Only the run's own GPU's generator: reading every visible GPU's would create a CUDA context on each of
+    them in every process, and a resume that sees fewer GPUs (one per task) could not put them back. Held as
+    tensors, ints and tuples only (numpy's key array as a tensor), so that a checkpoint carrying it loads with
+    plain ``torch.load`` (weights_only) and no allowlist.
     """
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
@@ -930,18 +1123,25 @@ def get_rng_state() -> dict:
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: str | torch.device = "cpu") -> None:
+    """Put back what :func:`get_rng_state` saved; the CUDA generator goes to ``device`` when it is a GPU.
+    Older checkpoints hold a list with every visible GPU's: the one of the device's index is taken."""
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))  # older checkpoints: a numpy array
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    device = torch.device(device)
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):
+        index = device.index or 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def plain_args(args: argparse.Namespace) -> dict:
@@ -974,10 +1174,8 @@ def restart_from_checkpoint(ckp_path: str | Path, run_variables: dict | None = N
     print(f"Found checkpoint at {ckp_path}")
     checkpoint = load_checkpoint_safely(ckp_path)
     for key, value in kwargs.items():
-        if key.endswith("scaler"):
-            _check_same_precision(ckp_path, key, checkpoint, value)
-        if value is None:
-            continue
+        if value is None or (key.endswith("scaler") and key not in checkpoint):
+            continue  # a gradient scaler starts afresh when the checkpoint's run used none (another precision)
         if key not in checkpoint:
             raise ConfigError(
                 f"cannot resume from {ckp_path}: it has no '{key}' entry (not a checkpoint of this script?)"
@@ -997,21 +1195,6 @@ def restart_from_checkpoint(ckp_path: str | Path, run_variables: dict | None = N
             if var_name in checkpoint:
                 run_variables[var_name] = checkpoint[var_name]
     return True
-
-
-def _check_same_precision(ckp_path: str | Path, key: str, checkpoint: dict, scaler: Any) -> None:
-    """A GradScaler entry (``fp16_scaler``, ``scaler``) exists exactly when the run used fp16: resuming across a
-    change of ``--precision`` is refused in one line rather than failing on the missing entry."""
-    if (key in checkpoint) == (scaler is not None):
-        return
-    then = (
-        "an fp16 run (it holds a gradient scaler)" if key in checkpoint else "a run without fp16 (no gradient scaler)"
-    )
-    now = "uses fp16" if scaler is not None else "does not"
-    raise ConfigError(
-        f"cannot resume from {ckp_path}: it was written by {then} and this run {now}; "
-        "resume with the checkpoint's --precision, or use another --output_dir"
-    )
 
 
 def _match_module_prefix(state: dict, target: dict) -> dict:
@@ -1156,16 +1339,17 @@ def _numpy_globals() -> list:
     return [*builders, np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64))]
 
 
-def load_checkpoint_safely(path: str | Path) -> Any:
+def load_checkpoint_safely(path: str | Path, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)``: tensors, containers and the few allowlisted classes only.
 
     Published DINO / DINO-MC checkpoints store ``args`` as an ``argparse.Namespace``, which is allowlisted
     with numpy's array and scalar constructors; anything else a pickle asks for (a function to call, a class
-    to build) is refused before it can run, so a downloaded file cannot execute code on load.
+    to build) is refused before it can run, so a downloaded file cannot execute code on load. ``mmap`` leaves
+    the tensors on disk until they are used (reading a few small entries of a large checkpoint).
     """
     try:
         with torch.serialization.safe_globals([argparse.Namespace, *_numpy_globals()]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f"it asks for {unsafe.group(1)}" if unsafe else one_line(err)

@@ -343,6 +343,13 @@ class WeightNormLinear(nn.Module):
         return _WeightNormLinearFn.apply(x, self.weight_v, self.weight_g)
 
 
+def backward_dtype(product: torch.Tensor, grad_out: torch.Tensor) -> torch.dtype:
+    """The dtype of :class:`_WeightNormLinearFn`'s two backward products: the forward's on a GPU (as autocast
+    would run them), fp32 on a CPU, where casting the (out, in) weight to bf16 costs as much as the fp32 product
+    for a few dozen rows. Its own function so that tests can run the GPU's choice on a CPU."""
+    return product.dtype if grad_out.is_cuda else torch.promote_types(product.dtype, torch.float32)
+
+
 class _WeightNormLinearFn(torch.autograd.Function):
     """x @ (g * v / ||v||)^T computed as (x @ v^T) * (g / ||v||)^T, with the backward written out.
 
@@ -363,9 +370,7 @@ class _WeightNormLinearFn(torch.autograd.Function):
         x, weight_v, weight_g, norm, product = ctx.saved_tensors
         scale = weight_g.squeeze(1) / norm
         grad_scale = (grad_out * product).sum(dim=0)
-        # The two products in the forward's precision on a GPU (as autocast would), in fp32 on a CPU, where
-        # casting the (out, in) weight to bf16 costs as much as the fp32 product for a few dozen rows.
-        dtype = product.dtype if grad_out.is_cuda else torch.promote_types(product.dtype, torch.float32)
+        dtype = backward_dtype(product, grad_out)
         grad_product = (grad_out * scale).to(dtype)
         grad_x = grad_v = grad_g = None
         if ctx.needs_input_grad[0]:

@@ -86,6 +86,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DINO-MC training-step benchmark")
     utils.add_backbone_args(parser, arch="vit_small", patch_size=16)
     parser.add_argument("--data_mode", default="mc", choices=["dino", "mc", "tp"], help="Crop sizes and counts.")
+    parser.add_argument("--global_crops_size", default=224, type=int, help="Side of the global crops.")
+    parser.add_argument(
+        "--size_crops", default=None, type=int, nargs="+", help="Local crop sizes (default: main_dino_mc's)."
+    )
     parser.add_argument("--batch_size_per_gpu", default=8, type=int, help="Images per step.")
     parser.add_argument("--out_dim", default=65536, type=int, help="DINO head output dimension.")
     utils.add_precision_args(parser)
@@ -120,6 +124,8 @@ def training_args(args: argparse.Namespace) -> argparse.Namespace:
     train_args = main_dino_mc.get_args_parser().parse_args([])
     for name in ("arch", "patch_size", "bands", "data_mode", "batch_size_per_gpu", "out_dim", "device", "precision"):
         setattr(train_args, name, getattr(args, name))
+    train_args.global_crops_size = args.global_crops_size
+    train_args.size_crops = args.size_crops or train_args.size_crops
     train_args.bands = ",".join(main_dino_mc.parse_bands("RGB" if args.bands == "RGB_BANDS" else args.bands))
     train_args.distributed = False
     train_args.epochs = 2  # the timed epoch is epoch 1, past --freeze_last_layer: the prototypes train too

@@ -118,8 +118,8 @@ def test_train_step_bad_arguments_exit_2(capsys):
     assert exc.value.code == 2 and "--device" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_train_step_on_cuda_without_a_gpu_exits_2(capsys):
+    """CUDA is hidden from the test (tests/conftest.py), as on a machine without it."""
     with pytest.raises(SystemExit) as exc:
         train_step.run([*TINY_STEP, "--device", "cuda"])
     assert exc.value.code == 2 and "no CUDA device" in capsys.readouterr().err
@@ -178,7 +178,7 @@ def test_pil_baseline_makes_the_same_crops():
     assert [tuple(c.shape) for c in out] == [(12, s, s) for s in aug.crop_sizes]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the GPU report runs on a GPU")
+@pytest.mark.gpu
 def test_gpu_report_script_measures_vit_small_16_and_8(tmp_path):
     output = tmp_path / "gpu.jsonl"
     env = {**os.environ, "BATCH": "2", "STEPS": "1", "WARMUP": "1", "PYTHON": sys.executable}

@@ -15,7 +15,7 @@ import vision_transformer as vits
 from utils import MultiCropWrapper
 
 FAST = ["--arch", "vit_tiny", "--patch_size", "16", "--input_size", "32", "--num_workers", "0"]
-FAST += ["--batch_size_per_gpu", "6", "--lr", "20", "--print_freq", "100"]
+FAST += ["--batch_size_per_gpu", "6", "--lr", "20", "--print_freq", "100", "--device", "cpu"]
 
 
 def dino_mc_checkpoint(path, seed: int = 1) -> dict:

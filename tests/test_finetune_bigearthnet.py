@@ -14,7 +14,7 @@ from datasets.bigearthnet import CLASSES_19
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real sample data {DATA} missing (not in a user's clone)")
 
 FAST = ["--arch", "resnet18", "--pretrained_weights", "none", "--input_size", "64", "--num_workers", "0"]
-FAST += ["--batch_size_per_gpu", "2", "--lr", "1", "--print_freq", "100"]
+FAST += ["--batch_size_per_gpu", "2", "--lr", "1", "--print_freq", "100", "--device", "cpu"]
 
 
 def test_two_epochs_on_the_real_patches_without_split_files(tmp_path, capsys):

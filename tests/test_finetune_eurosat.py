@@ -19,7 +19,7 @@ from datasets.eurosat import EUROSAT_MS_MEAN_STD, MS_FILE_BANDS, RGB_SUBDIR
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["AnnualCrop", "Forest", "SeaLake"]
 FAST = ["--arch", "vit_tiny", "--patch_size", "16", "--input_size", "32", "--num_workers", "0"]
-FAST += ["--batch_size_per_gpu", "6", "--lr", "2", "--print_freq", "100"]
+FAST += ["--batch_size_per_gpu", "6", "--lr", "2", "--print_freq", "100", "--device", "cpu"]
 RANDOM = ["--pretrained_weights", "none"]
 
 

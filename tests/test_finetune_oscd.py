@@ -24,7 +24,7 @@ from segmentation import SiameseUNet
 CITIES = {"aa": (96, 96), "bb": (80, 100), "cc": (90, 96), "dd": (96, 70), "tt": (72, 100)}
 TRAIN, TEST = ["aa", "bb", "cc", "dd"], ["tt"]
 FAST = ["--arch", "resnet18", "--pretrained_weights", "none", "--tile_size", "32", "--num_workers", "0"]
-FAST += ["--batch_size_per_gpu", "4", "--lr", "0.001", "--print_freq", "100"]
+FAST += ["--batch_size_per_gpu", "4", "--lr", "0.001", "--print_freq", "100", "--device", "cpu"]
 
 
 def write_planted_oscd(root, cities=CITIES, train=TRAIN, test=TEST):
@@ -54,6 +54,31 @@ def test_siamese_unet_is_symmetric_and_blind_to_unchanged_pairs(arch):
     assert all(not p.requires_grad for p in model.encoder.parameters())
     model.train()
     assert not model.encoder.training
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny", "swin_t"])
+def test_fine_tuned_encoder_gives_every_trainable_parameter_a_gradient(arch):
+    """DDP waits for a gradient of every trainable parameter; the Swin encoder left backbone.norm without one."""
+    backbone, _ = utils.build_backbone(arch, patch_size=16)
+    model = SiameseUNet(backbone, in_chans=3, freeze_encoder=False)
+    model(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)).sum().backward()
+    assert [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_fine_tuned_swin_encoder_trains_two_steps_under_ddp(tmp_path):
+    """finetune_oscd.py --arch swin_t --finetune_encoder true on several processes failed at its second step
+    ("Expected to have finished reduction in the prior iteration"); one gloo process shows the same."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        backbone, _ = utils.build_backbone("swin_t", patch_size=16)
+        model = torch.nn.parallel.DistributedDataParallel(SiameseUNet(backbone, 3, freeze_encoder=False))
+        stem = model.module.encoder.backbone.features[0][0].weight
+        for _ in range(2):
+            stem.grad = None
+            model(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)).sum().backward()
+            assert stem.grad is not None and stem.grad.abs().sum() > 0  # the encoder is trained, not frozen
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_resnet_levels_follow_the_protocol():

@@ -182,6 +182,20 @@ def test_data_stream_depends_only_on_seed_epoch_and_position():
     assert len(set(rows)) == len(rows) == 15  # no two samples of any rank or epoch share their draws
 
 
+def test_seeded_samples_leave_the_cuda_generators_alone(monkeypatch):
+    """A sample loaded in the main process (--num_workers 0) used to reseed every CUDA generator with its own
+    seed (torch.manual_seed), and fork_rng(devices=[]) did not restore them: drop-path on a GPU restarted
+    from the sample's seed at every sample. Its CPU draws are still a function of the seed alone."""
+    cuda_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeds.append)
+    samples = main_dino_mc.SeededSamples(RandomSamples())
+    first, again = samples[3, 77], samples[3, 77]
+    torch.manual_seed(77)
+    assert cuda_seeds == [77]  # the spy sees torch.manual_seed's reseeding
+    assert torch.equal(first[0], torch.rand(3)) and torch.equal(again[0], first[0])
+    assert cuda_seeds == [77]  # and none from the two samples
+
+
 # ============================================================================ preemption and exact resume
 
 
@@ -301,6 +315,22 @@ def test_signal_to_one_rank_stops_both_at_the_same_iteration(seco_root, tmp_path
     ckpt = torch.load(tmp_path / "checkpoint.pth")
     assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] < ITERS_PER_EPOCH and len(ckpt["rng_state"]) == 2
     assert f"preempted at epoch 0, iteration {ckpt['iteration']}" in results[0][1]
+
+
+def test_killed_rank_stops_the_other_with_one_line(seco_root, tmp_path):
+    """SIGKILL to rank 1 mid-epoch (out of memory, a node lost): rank 0's next collective finds its peer gone and
+    stops with one line and exit code 1, instead of a gloo traceback; the checkpoint of epoch 0 is kept."""
+    procs = start_ranks(["main_dino_mc.py", *tiny_args(seco_root, tmp_path, "--batch_size_per_gpu", "1")])
+    for line in procs[0].stdout:
+        if line.startswith(f"Epoch: [1/2]  [1/{ITERS_PER_EPOCH}]"):
+            procs[1].kill()
+            break
+    (code, _, err), (killed, _, _) = finish(procs)
+    lines = err.strip().splitlines()
+    assert (code, killed) == (1, -signal.SIGKILL), err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: another process of this job stopped (")
+    assert "by peer" in lines[0] and lines[0].endswith("resume from the last checkpoint")
+    assert torch.load(tmp_path / "checkpoint.pth")["epoch"] == 1
 
 
 NAN_ON_RANK_1 = """

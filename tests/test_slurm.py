@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,11 +35,13 @@ CLUSTER_WAIT_S = 240
 JOB_WAIT_S = 420
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 EPOCHS = 4  # enough for the preemption signal to land while the job trains (it is sent after epoch 0)
-# A 2-task job on 8 locations: two iterations per epoch; small crops and head so that an epoch takes a second
+# A 2-task job on 8 locations: two iterations per epoch; small crops and head so that an epoch takes a second.
+# On the CPU: the placeholder GPUs run nothing, and a job given GPUs stops when torch sees none.
 PRETRAIN = [
     *("--arch", "vit_tiny", "--patch_size", "16", "--data_mode", "mc", "--batch_size_per_gpu", "2"),
     *("--out_dim", "256", "--precision", "fp32", "--seed", "0", "--local_crops_number", "2"),
     *("--global_crops_size", "64", "--size_crops", "48", "32", "--saveckp_freq", "0", "--num_workers", "0"),
+    *("--device", "cpu"),
 ]
 # The cluster's partition, with resources this machine has (the launcher's defaults ask for 10 CPUs a task)
 SLURM = ["--partition", "debug", "--cpus_per_task", "1", "--mem_per_gpu", "1", "--timeout", "30"]
@@ -55,23 +58,33 @@ def slurm_unavailable() -> str:
     return ""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(count: int = 1) -> int:
+    """A port that is free, and so are the ``count - 1`` after it (one slurmd port per node)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        try:
+            with contextlib.ExitStack() as stack:
+                for offset in range(1, count):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port + offset))
+            return port
+        except OSError:
+            continue
 
 
 @contextlib.contextmanager
-def one_node_cluster(directory: Path, gpus: int):
-    """Bring up tests/slurm/cluster.sh in ``directory`` on free ports with ``gpus`` GPU generic resources; yield
-    its slurm.conf; down at the end. The first job id is random: submitit derives a job's MASTER_PORT from its
-    id, so concurrent test sessions must not number their jobs alike."""
+def one_node_cluster(directory: Path, gpus: int, nodes: int = 1):
+    """Bring up tests/slurm/cluster.sh in ``directory`` on free ports with ``gpus`` GPU generic resources (and
+    ``nodes`` slurmd daemons on this host); yield its slurm.conf; down at the end. The first job id is random:
+    a job's MASTER_PORT is derived from its id, so concurrent test sessions must not number their jobs alike."""
     env = {
         **os.environ,
         "SLURM_CTLD_PORT": str(free_port()),
-        "SLURM_D_PORT": str(free_port()),
+        "SLURM_D_PORT": str(free_port(nodes)),
         "SLURM_FIRST_JOB_ID": str(random.randint(10_000, 60_000_000)),
         "SLURM_GPUS": str(gpus),
+        "SLURM_NODES": str(nodes),
         "SLURM_WAIT_S": str(CLUSTER_WAIT_S // 2),
     }
     start = time.monotonic()
@@ -86,7 +99,7 @@ def one_node_cluster(directory: Path, gpus: int):
         version = subprocess.run(
             ["scontrol", "--version"], env={**env, "SLURM_CONF": str(conf)}, capture_output=True, text=True, timeout=60
         ).stdout.strip()
-        print(f"\nSLURM cluster ({version}, {gpus} GPUs) up in {seconds:.1f} s: {up.stdout.strip()}")
+        print(f"\nSLURM cluster ({version}, {nodes} node(s), {gpus} GPUs) up in {seconds:.1f} s: {up.stdout.strip()}")
         yield conf
     finally:
         down = subprocess.run(
@@ -113,6 +126,14 @@ def slurm_cluster(tmp_path_factory):
 def gpuless_cluster(slurm_cluster, tmp_path_factory):
     """A second cluster whose node has no GPU generic resources, as on a CPU-only cluster."""
     with one_node_cluster(tmp_path_factory.mktemp("slurm_gpuless"), 0) as conf:
+        yield conf
+
+
+@pytest.fixture(scope="module")
+def two_nodes(slurm_cluster, tmp_path_factory):
+    """A cluster of two nodes on this host (two slurmd daemons, each with its own port, spool folder and log),
+    without GPUs: multi-node jobs whose ranks talk through gloo over the loopback."""
+    with one_node_cluster(tmp_path_factory.mktemp("slurm_two_nodes"), 0, nodes=2) as conf:
         yield conf
 
 
@@ -389,6 +410,100 @@ def test_gpus_asked_of_a_cluster_without_gpus_is_one_line(gpuless_cluster, monke
     assert captured.err == (
         "error: sbatch refused the job: Invalid generic resource (gres) specification; change --ngpus 1\n"
     )
+
+
+TWO_NODES = [*SLURM, "--nodes", "2", "--ngpus", "0", "--tasks_per_node", "1", *PRETRAIN, "--epochs", str(EPOCHS)]
+
+
+def task_process(job_id: str, rank: int) -> int:
+    """The pid of rank ``rank``'s task process of a job, read from the processes' environments (all the
+    cluster's nodes are this host)."""
+    wanted = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={rank}".encode()}
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            variables = set(environ.read_bytes().split(b"\0"))
+            command = (environ.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if wanted <= variables and b"python" in command:
+            return int(environ.parent.name)
+    pytest.fail(f"no task process of rank {rank} of job {job_id}")
+
+
+def test_two_node_job_requeued_resumes_on_both_nodes_to_the_two_task_teacher(
+    submit, two_nodes, monkeypatch, seco_root, torchrun_reference, tmp_path
+):
+    """--nodes 2, one task per node: preempted with SIGUSR2 once trained, requeued, resumed on both nodes, and it
+    ends with the teacher of the one-node two-task run."""
+    monkeypatch.setenv("SLURM_CONF", str(two_nodes))
+    out = tmp_path / "run"
+    job_id = submit(TWO_NODES + data(seco_root, out))
+    preempt_once_trained(job_id, out)
+    job = wait_for_end(job_id, out)
+    assert job["JobState"] == "COMPLETED", task_log(out, job_id, stream="err")[-3000:]
+    assert job["NumNodes"] == "2" and job["Restarts"] == "1"
+    starts = [int(e) for e in re.findall(r"Starting mc training from epoch (\d+)", task_log(out, job_id))]
+    assert len(starts) == 2 and starts[0] == 0 < starts[1], starts
+    assert task_log(out, job_id, task=1).count("distributed init (rank 1/2, gloo)") == 2  # node 2 ran twice
+    difference = max_difference(teacher(out / "checkpoint.pth"), teacher(torchrun_reference))
+    print(f"two-node teacher after a requeue vs torchrun --nproc_per_node 2: max |difference| {difference:.3g}")
+    assert difference <= 1e-6
+
+
+def test_rank_killed_on_node_2_ends_the_job_and_the_rerun_resumes(
+    submit, two_nodes, monkeypatch, seco_root, torchrun_reference, tmp_path
+):
+    """SIGKILL to the task on node 2 once the job has a checkpoint: the job fails (no rank left waiting), rank 0
+    on node 1 says why in one line, and the same command submitted again resumes and ends as the uninterrupted
+    run would."""
+    monkeypatch.setenv("SLURM_CONF", str(two_nodes))
+    out = tmp_path / "run"
+    job_id = submit(TWO_NODES + data(seco_root, out))
+    wait_until(lambda: (out / "checkpoint.pth").exists(), f"job {job_id}'s first checkpoint")
+    os.kill(task_process(job_id, 1), signal.SIGKILL)
+    wait_until(lambda: scontrol_job(job_id).get("JobState") in FINAL_STATES, f"job {job_id} to end", timeout_s=120)
+    err = task_log(out, job_id, stream="err")
+    print([line for line in err.splitlines() if "error" in line])
+    assert scontrol_job(job_id)["JobState"] == "FAILED"
+    assert "error: another process of this job stopped (" in err or "task 1: Killed" in err, err[-3000:]
+    rerun = submit(TWO_NODES + data(seco_root, out))
+    job = wait_for_end(rerun, out)
+    assert job["JobState"] == "COMPLETED", task_log(out, rerun, stream="err")[-3000:]
+    starts = [int(e) for e in re.findall(r"Starting mc training from epoch (\d+)", task_log(out, rerun))]
+    assert len(starts) == 1 and starts[0] > 0, starts
+    assert max_difference(teacher(out / "checkpoint.pth"), teacher(torchrun_reference)) <= 1e-6
+
+
+def test_srun_on_two_nodes_launches_main_dino_mc_directly(two_nodes, seco_root, torchrun_reference, tmp_path):
+    """DINO's way: srun starts the script itself on each node, no submitit; SLURM's variables give the ranks."""
+    out = tmp_path / "run"
+    srun = ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--cpus-per-task", "1", "--mem", "1000", "--time", "30"]
+    command = [*srun, "--kill-on-bad-exit=1", sys.executable, "main_dino_mc.py", *PRETRAIN, "--epochs", str(EPOCHS)]
+    env = {**os.environ, "SLURM_CONF": str(two_nodes), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command + data(seco_root, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_WAIT_S
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "distributed init (rank 1/2, gloo)" in done.stdout
+    assert max_difference(teacher(out / "checkpoint.pth"), teacher(torchrun_reference)) <= 1e-6
+
+
+def test_torchrun_on_two_nodes_with_c10d_equals_two_processes_on_one(seco_root, torchrun_reference, tmp_path):
+    """torchrun --nnodes 2 with c10d rendezvous, one agent per "node" (both on this host), one process each."""
+    out = tmp_path / "run"
+    endpoint = f"127.0.0.1:{free_port()}"
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+    agent += ["--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", f"dino{os.getpid()}"]
+    command = [*agent, "main_dino_mc.py", *PRETRAIN, "--epochs", str(EPOCHS), *data(seco_root, out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [
+        subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)
+    ]
+    logs = [agent.communicate(timeout=JOB_WAIT_S)[0].decode() for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["args"]["world_size"] == 2
+    assert max_difference(checkpoint["teacher"], teacher(torchrun_reference)) <= 1e-6
 
 
 def test_job_past_max_timeouts_stops_with_one_line(timeout_job):

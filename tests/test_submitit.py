@@ -44,7 +44,7 @@ def tiny_run(seco_root: Path, output_dir: Path, *extra: str) -> list[str]:
         *("--cluster", "local", "--timeout", "30"),
         *("--arch", "vit_tiny", "--patch_size", "16", "--data_mode", "mc", "--batch_size_per_gpu", "2"),
         *("--out_dim", "64", "--precision", "fp32", "--seed", "0", "--local_crops_number", "2"),
-        *("--global_crops_size", "64", "--size_crops", "48", "32"),
+        *("--global_crops_size", "64", "--size_crops", "48", "32", "--device", "cpu"),
         *("--saveckp_freq", "0", "--data_path", str(seco_root), "--output_dir", str(output_dir)),
         *extra,
     ]

@@ -13,6 +13,9 @@
 # cluster without GPUs), so GPU job scripts are accepted; their tasks run on the CPU. Partitions: debug
 # (default) and acct, which only account "dino" may use (a cluster without an accounting database knows no
 # account, so acct refuses every job); both have a 60-minute time limit, enforced at submission.
+# SLURM_NODES=2 declares two nodes on this host, each with its own slurmd (slurmd -N NAME) on its own port
+# (SLURM_D_PORT and the next one), spool folder, pid file and log: the host's name and "localhost", two names
+# that resolve to this machine, so that a multi-node job's tasks find their master by its node name.
 set -euo pipefail
 
 usage() { echo "usage: $0 up|down DIR" >&2; exit 2; }
@@ -34,18 +37,36 @@ start_daemon() {
     fail "$name wrote no pid file $pidfile within ${wait_s}s (log: $log)"
 }
 
+# The cluster's node names: this host, then (SLURM_NODES=2) "localhost".
+node_names() {
+    local host
+    host=$(hostname -s)
+    if ((${SLURM_NODES:-1} == 1)); then echo "$host"; else echo "$host localhost"; fi
+}
+
 write_config() {
-    local host gpus=${SLURM_GPUS:-2} gres="" gres_types="" gpu
+    local host gpus=${SLURM_GPUS:-2} gres="" gres_types="" gpu node port nodes="" node_lines="" index=0
     host=$(hostname -s)
     mkdir -p "$dir"/{state,spool,log}
     if ((gpus > 0)); then
         gres="Gres=gpu:$gpus" gres_types="GresTypes=gpu"
-        printf 'AutoDetect=off\nNodeName=%s Name=gpu File=%s/gpu[0-%d]\n' "$host" "$dir" $((gpus - 1)) >"$dir/gres.conf"
+        echo "AutoDetect=off" >"$dir/gres.conf"
+        for node in $(node_names); do
+            printf 'NodeName=%s Name=gpu File=%s/gpu[0-%d]\n' "$node" "$dir" $((gpus - 1)) >>"$dir/gres.conf"
+        done
         # character devices like /dev/null; plain files where mknod is not allowed (slurmd logs an error, works)
         for ((gpu = 0; gpu < gpus; gpu++)); do
             [[ -e $dir/gpu$gpu ]] || mknod "$dir/gpu$gpu" c 1 3 2>/dev/null || touch "$dir/gpu$gpu"
         done
     fi
+    for node in $(node_names); do
+        port=$((${SLURM_D_PORT:-6818} + index))
+        node_lines+="NodeName=$node NodeHostname=$host NodeAddr=127.0.0.1 Port=$port CPUs=${SLURM_CPUS:-8} "
+        node_lines+="RealMemory=16000 $gres State=UNKNOWN"$'\n'
+        nodes+="${nodes:+,}$node"
+        index=$((index + 1))
+        mkdir -p "$dir/spool/$node"
+    done
     cat >"$conf" <<EOF
 ClusterName=dino$(printf '%s' "$dir" | cksum | cut -c1-6)
 SlurmctldHost=$host(127.0.0.1)
@@ -57,11 +78,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$dir/munge.socket,cred_expire=5
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
+SlurmdPidFile=$dir/slurmd.%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
-SlurmdLogFile=$dir/log/slurmd.log
+SlurmdLogFile=$dir/log/slurmd.%n.log
 FirstJobId=${SLURM_FIRST_JOB_ID:-1}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -80,9 +101,8 @@ KillWait=5
 MinJobAge=600
 SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=2
-NodeName=$host NodeAddr=127.0.0.1 CPUs=${SLURM_CPUS:-8} RealMemory=16000 $gres State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=60 State=UP
-PartitionName=acct Nodes=$host AllowAccounts=dino MaxTime=60 State=UP
+${node_lines}PartitionName=debug Nodes=$nodes Default=YES MaxTime=60 State=UP
+PartitionName=acct Nodes=$nodes AllowAccounts=dino MaxTime=60 State=UP
 EOF
 }
 
@@ -101,14 +121,16 @@ up() {
         --log-file="$dir/log/munged.log" --seed-file="$dir/munged.seed"
     export SLURM_CONF=$conf
     start_daemon slurmctld "$dir/slurmctld.pid" "$dir/log/slurmctld.log" slurmctld -f "$conf"
-    start_daemon slurmd "$dir/slurmd.pid" "$dir/log/slurmd.log" slurmd -f "$conf"
-    local state=""
+    local node state=""
+    for node in $(node_names); do
+        start_daemon "slurmd $node" "$dir/slurmd.$node.pid" "$dir/log/slurmd.$node.log" slurmd -f "$conf" -N "$node"
+    done
     for _ in $(seq "$polls"); do
         state=$(sinfo --noheader --partition debug --format %T 2>/dev/null || true)
         [[ $state == idle ]] && { echo "export SLURM_CONF=$conf"; return 0; }
         sleep 0.1
     done
-    tail -n 20 "$dir/log/slurmctld.log" "$dir/log/slurmd.log" >&2 2>/dev/null
+    tail -n 20 "$dir"/log/*.log >&2 2>/dev/null
     fail "the node did not become idle within ${wait_s}s (state: ${state:-no answer}; logs in $dir/log)"
 }
 
@@ -138,7 +160,7 @@ down() {
             sleep 0.1
         done
     fi
-    stop_daemons "$dir/slurmd.pid" "$dir/slurmctld.pid"
+    stop_daemons "$dir"/slurmd*.pid "$dir/slurmctld.pid"
     stop_daemons "$dir/munged.pid"  # last: the SLURM daemons authenticate through it until they are gone
 }
 
