@@ -126,17 +126,26 @@ def test_train_step_on_cuda_without_a_gpu_exits_2(capsys):
 
 
 def test_data_pipeline_reports_both_pipelines_per_band_set(capsys):
-    data_pipeline.run(["--n_locations", "1", "--samples", "1", "--warmup", "0", "--modes", "mc"])
+    args = ["--n_locations", "1", "--samples", "1", "--warmup", "0", "--modes", "mc", "--device_batch", "2"]
+    data_pipeline.run(args)
     results = json_lines(capsys)
-    assert [r["bands"] for r in results] == ["B4,B3,B2", "B1,B2,B3,B4,B5,B6,B7,B8,B8A,B9,B11,B12"]
+    all_bands = "B1,B2,B3,B4,B5,B6,B7,B8,B8A,B9,B11,B12"
+    expected = [("B4,B3,B2", "workers"), ("B4,B3,B2", "device"), (all_bands, "workers"), (all_bands, "device")]
+    assert [(r["bands"], r["augment_on"]) for r in results] == expected
     for r in results:
         assert r["mode"] == "mc" and r["threads"] == 1 and len(r["crop_sizes"]) == 8
+        assert r["imgs_per_s_wall"] > 0 and r["store_imgs_per_s_wall"] > 0
+    for r in results[::2]:  # the workers path against the published PIL-per-crop one
         assert r["speedup"] == pytest.approx(r["imgs_per_s"] / r["pil_imgs_per_s"], rel=0.05)
         assert r["store_speedup"] == pytest.approx(r["store_imgs_per_s"] / r["pil_imgs_per_s"], rel=0.05)
         assert 0 < r["augment_ms"] < 1000.0 / r["imgs_per_s"]
         assert 0 < r["store_load_ms"] < 1000.0 / r["store_imgs_per_s"]
         assert r["store_decode_ms"] > 0 and r["tree_decode_ms"] > 0
-        assert r["imgs_per_s_wall"] > 0 and r["store_imgs_per_s_wall"] > 0
+    for r, workers in zip(results[1::2], results[::2]):  # the device path: bytes and FLOPs of its batch
+        assert 0 < r["cut_ms"] < 1000.0 / r["imgs_per_s"] and r["device_cpu_ms_per_batch"] > 0
+        channels = len(r["bands"].split(","))
+        assert r["workers_path_bytes_per_sample"] == sum(channels * s * s * 4 for s in workers["crop_sizes"])
+        assert 0 < r["host_to_device_bytes_per_sample"] and r["device_gflop_per_sample"] > 0
 
 
 def test_data_pipeline_stores_only_the_timed_locations(tmp_path):
