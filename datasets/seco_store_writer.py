@@ -263,15 +263,17 @@ def _in_worker(method: str, shard: int):
 def worker_pool(writer: StoreWriter, workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
     """``workers`` processes for the shards (None: this process alone).
 
-    They are forked before this process starts any thread (Zarr's I/O thread starts with the first Zarr call),
-    so they begin at once, with the writer and the tree's index already in memory, and copy no half-alive
-    thread. Where fork does not exist they are spawned and receive the writer pickled.
+    They start from a forkserver that imported this module once, so they begin in a fraction of a second
+    without copying this process's threads (Zarr's I/O thread, torch's): a plain fork of a process with
+    threads may copy a lock held by one of them and hang. Each receives the writer (the plan and the tree's
+    index) once, pickled.
     """
     if workers == 1:
         yield None
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (writer,)) as pool:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    with context.Pool(workers, _init_worker, (writer,)) as pool:
         yield pool
 
 
