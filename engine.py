@@ -6,7 +6,7 @@ Everything else is here, once:
 
 - plain process, torchrun or SLURM (``utils.init_distributed_mode``), CPU or CUDA, ``--precision``;
 - metrics accumulated over the WHOLE evaluation split with torchmetrics (exact, synchronised across
-  processes at ``compute()``), never averaged per batch (METHOD.md bug 8);
+  processes at ``compute()``), never averaged per batch (README: bugs fixed);
 - ``output_dir/checkpoint.pth`` every epoch and ``checkpoint_best.pth`` on a new best, both atomic
   (``utils.save_checkpoint``), resumed from automatically; the random generators are re-seeded from
   ``--seed`` and the epoch at the start of every epoch, so a resumed run repeats the uninterrupted one;
@@ -44,7 +44,7 @@ def add_finetune_args(
     seed: int = 0,
     lr_scaled: bool = True,
 ) -> None:
-    """Flags every supervised script shares; the defaults are each protocol's (EVALUATION.md).
+    """Flags every supervised script shares; the defaults are each protocol's (README).
 
     ``lr_scaled``: whether the script applies DINO's linear scaling rule (:func:`scaled_lr`) to ``--lr``.
     """
@@ -120,7 +120,7 @@ def scaled_lr(args: argparse.Namespace) -> float:
 
 
 def subset_indices(n: int, frac: float, seed: int) -> list[int]:
-    """``frac`` of ``range(n)`` drawn WITHOUT replacement from ``seed``, sorted (METHOD.md bug 9)."""
+    """``frac`` of ``range(n)`` drawn WITHOUT replacement from ``seed``, sorted (README: bugs fixed)."""
     if frac >= 1.0:
         return list(range(n))
     count = max(1, round(frac * n))

@@ -221,7 +221,7 @@ def test_oscd_bad_selection_flags_are_one_line_exit_2(tmp_path, capsys, flags, e
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-# The published scripts' settings (EVALUATION.md) that each documented flag set must give, in README order.
+# The published scripts' settings (README) that each documented flag set must give, in README order.
 PUBLISHED = [
     (eval_knn, {"nb_knn": [5, 10, 15, 20], "temperature": 0.07, "resize_size": 256, "crop_size": 224}),
     (eval_linear, {"lr": 0.001, "epochs": 100, "batch_size_per_gpu": 32, "n_last_blocks": 4}),
