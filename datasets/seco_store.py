@@ -236,6 +236,10 @@ class SeCoStore:
         }
         self._slots = [group_of[band] for band in self.bands]
         self.arrays = {name: self._array(name) for name in dict.fromkeys(array for array, _ in self._slots)}
+        # The grid the bands are brought to, as the tree reader decides it: the largest band's when a 10 m band
+        # is asked (or the bands share one image's grid), else the acquisition's 10 m grid.
+        ten_m = self.layout == "images" or any(b in TEN_M_BANDS for b in self.bands)
+        self._read_grid = None if ten_m else self.grid
         if not is_url(self.root):
             self._check_sizes()
         self._indexes: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
@@ -284,9 +288,8 @@ class SeCoStore:
         position = int(self._starts[index]) + acquisition
         chunks = {name: self._read_chunk(array, position) for name, array in self.arrays.items()}
         bands = [chunks[array][channel] for array, channel in self._slots]
-        ten_m = self.layout == "images" or any(b in TEN_M_BANDS for b in self.bands)
         name = f"{self.root} (location {self.locations[index]}, acquisition {self._names[index][acquisition]})"
-        return Acquisition(bands, None if ten_m else self.grid, self.rendered, name)
+        return Acquisition(bands, self._read_grid, self.rendered, name)
 
     def _read_chunk(self, array: StoreArray, position: int) -> np.ndarray:
         shard, inner = divmod(position, array.shard_size)
