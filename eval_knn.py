@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
-from datasets import DataError, eurosat
+from datasets import eurosat
 from datasets.bands import parse_bands
 from datasets.transforms import eval_transform
 
@@ -109,21 +109,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise utils.ConfigError("--data_path is required (the EuroSAT folder), unless --load_features is given")
     if args.compare_random and str(args.pretrained_weights).lower() == "none":
         raise utils.ConfigError("--compare_random compares with --pretrained_weights; it cannot be 'none' too")
-    try:
+    with utils.config_errors("--bands"):
         args.band_list = parse_bands(args.bands)
-    except ValueError as err:
-        raise utils.ConfigError(f"--bands: {err}") from None
 
 
 def build_datasets(args: argparse.Namespace) -> tuple[eurosat.EuroSAT, eurosat.EuroSAT]:
     """The memory-bank and evaluated EuroSAT splits with the evaluation transform of their format."""
-    try:
+    with utils.config_errors():  # --bands asks for bands that this copy of EuroSAT does not hold
         train_set = eurosat.EuroSAT(args.data_path, args.train_split, args.band_list, seed=args.seed)
         test_set = eurosat.EuroSAT(args.data_path, args.test_split, args.band_list, seed=args.seed)
-    except DataError:
-        raise
-    except ValueError as err:  # --bands asks for bands that this copy of EuroSAT does not hold
-        raise utils.ConfigError(str(err)) from None
     # RGB JPEGs are uint8 (ImageNet statistics); MS GeoTIFFs are raw L1C values with their own statistics.
     normalize = partial(eurosat.normalize, bands=args.band_list) if train_set.multispectral else None
     transform = eval_transform(args.band_list, args.resize_size, args.crop_size, normalize=normalize)

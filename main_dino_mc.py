@@ -249,10 +249,8 @@ def resolve_crop_args(args: argparse.Namespace) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Validate what can be checked before any work starts; raises ConfigError with a one-line message."""
-    try:
+    with utils.config_errors():
         _check_args(args)
-    except ValueError as err:
-        raise utils.ConfigError(str(err)) from None
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -337,7 +335,7 @@ class DINOLoss(nn.Module):
 
 def build_transform(args: argparse.Namespace) -> MultiCropAugmentation:
     """The multi-crop augmentation of the mode; it validates the crop flags (ConfigError names the flag)."""
-    try:
+    with utils.config_errors():
         return MultiCropAugmentation(
             args.data_mode,
             args.bands.split(","),
@@ -348,8 +346,6 @@ def build_transform(args: argparse.Namespace) -> MultiCropAugmentation:
             global_size=args.global_crops_size,
             global_crops_number=args.global_crops_number,
         )
-    except ValueError as err:
-        raise utils.ConfigError(str(err)) from None
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -657,11 +653,9 @@ def build_knn_sets(args: argparse.Namespace) -> tuple[eurosat.EuroSAT, eurosat.E
     """The online k-NN's memory bank (train split) and evaluated split (val) of --knn_data_path, at the
     training resolution: Resize(global size * 256 / 224) + CenterCrop(global size), eval_knn.py's transform."""
     bands = parse_bands(args.bands)
-    try:
+    with utils.config_errors("--knn_data_path"):
         train_set = eurosat.EuroSAT(args.knn_data_path, "train", bands, seed=args.seed)
         test_set = eurosat.EuroSAT(args.knn_data_path, "val", bands, seed=args.seed)
-    except ValueError as err:
-        raise utils.ConfigError(f"--knn_data_path: {err}") from None
     normalize = (lambda image: eurosat.normalize(image, bands)) if train_set.multispectral else None
     resize = round(args.global_crops_size * 256 / 224)
     train_set.transform = test_set.transform = eval_transform(bands, resize, args.global_crops_size, normalize)

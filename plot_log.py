@@ -40,10 +40,8 @@ def read_log(path: str | Path) -> list[dict]:
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        try:
+        with utils.config_errors(f"{path}, line {number}: not a JSON log line"):
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise utils.ConfigError(f"{path}, line {number}: not a JSON log line") from None
     return rows
 
 

@@ -70,10 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    try:
+    with utils.config_errors("--bands"):
         bands = parse_bands(args.bands)
-    except ValueError as err:
-        raise utils.ConfigError(f"--bands: {err}") from None
     for flag in ("workers", "shard_size", "print_every"):
         if getattr(args, flag) < 1:
             raise utils.ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")

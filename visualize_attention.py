@@ -59,14 +59,12 @@ def check_args(args: argparse.Namespace) -> None:
             f"--image_size {' '.join(map(str, args.image_size))}: expected one or two sizes of at least "
             f"--patch_size {args.patch_size}"
         )
-    try:
+    with utils.config_errors():
         args.band_list = parse_bands(args.bands)
         if args.file_bands is not None:
             args.file_band_list = (
                 list(MS_FILE_BANDS) if args.file_bands.lower() == "eurosat" else parse_bands(args.file_bands)
             )
-    except ValueError as err:
-        raise utils.ConfigError(str(err)) from None
 
 
 def select_bands(stack: np.ndarray, args: argparse.Namespace) -> np.ndarray:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import runtime
 import utils
 from datasets.demo import write_seco_demo
 
@@ -43,8 +44,8 @@ def fake_gpus(clean_env):
     clean_env.setattr(torch.cuda, "is_available", lambda: True)
     clean_env.setattr(torch.cuda, "device_count", lambda: calls.count)
     clean_env.setattr(torch.cuda, "set_device", calls.set_device.append)
-    clean_env.setattr(utils.dist, "init_process_group", lambda **kwargs: None)
-    clean_env.setattr(utils.dist, "barrier", lambda: None)
+    clean_env.setattr(runtime.dist, "init_process_group", lambda **kwargs: None)
+    clean_env.setattr(runtime.dist, "barrier", lambda: None)
     before = torch.backends.cuda.matmul.fp32_precision
     yield calls
     torch.backends.cuda.matmul.fp32_precision = before
@@ -147,7 +148,7 @@ def no_gpu(clean_env, tmp_path):
     """A node whose driver is 535.104.05 while torch sees no GPU (a torch build the driver is too old for)."""
     driver = tmp_path / "version"
     driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n")
-    clean_env.setattr(utils, "NVIDIA_DRIVER_FILE", driver)
+    clean_env.setattr(runtime, "NVIDIA_DRIVER_FILE", driver)
     clean_env.setattr(torch.cuda, "is_available", lambda: False)
     clean_env.setattr(torch.version, "cuda", "13.0")
     return clean_env

@@ -8,6 +8,7 @@ import argparse
 import pytest
 import torch
 
+import precision
 import utils
 
 
@@ -30,7 +31,7 @@ def gpu_bf16(monkeypatch):
 
 @pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
 def test_auto_on_cpu_takes_bf16_only_where_native(monkeypatch, capsys, native, expected):
-    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     assert utils.resolve_precision(args_for("auto"), "cpu") == expected
     assert f"--precision auto: {expected} on this CPU" in capsys.readouterr().out
 
@@ -49,7 +50,7 @@ def test_auto_on_cuda_takes_bf16_where_native_else_fp32(monkeypatch, native, exp
 
 
 def test_bf16_on_cpu_without_native_bf16_warns_in_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert utils.resolve_precision(args_for("bf16"), "cpu") == "bf16"  # still runs: the user asked for it
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: --precision bf16 on a CPU without native bf16")
@@ -57,9 +58,9 @@ def test_bf16_on_cpu_without_native_bf16_warns_in_one_line(monkeypatch, capsys):
 
 
 def test_bf16_on_native_cpu_or_gpu_is_silent(monkeypatch, capsys):
-    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert utils.resolve_precision(args_for("bf16"), "cpu") == "bf16"
-    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert utils.resolve_precision(args_for("bf16"), "cuda") == "bf16"
     assert capsys.readouterr().err == ""
 
@@ -75,7 +76,7 @@ def test_native_bf16_follows_the_cpu_flags(monkeypatch):
 def test_default_is_bf16_on_a_gpu_with_native_bf16_else_fp32_and_never_fp16(monkeypatch, gpu_bf16, native, on_gpu):
     """DINO's default (--use_fp16 true: fp16 + GradScaler on CUDA) is no longer the default."""
     gpu_bf16(native)
-    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert utils.resolve_precision(args_for(None), "cuda") == on_gpu
     assert utils.resolve_precision(args_for(None), "cpu") == "fp32"  # bf16 on a CPU only when asked
 

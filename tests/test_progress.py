@@ -10,6 +10,7 @@ import re
 import sys
 
 import eval_knn
+import logs
 import prepare_data
 import utils
 from datasets.demo import write_seco_demo
@@ -46,7 +47,7 @@ def test_a_bar_on_a_terminal(capsys, monkeypatch):
 
 
 def test_silent_on_other_ranks(capsys, monkeypatch):
-    monkeypatch.setattr(utils, "is_main_process", lambda: False)
+    monkeypatch.setattr(logs, "is_main_process", lambda: False)
     list(utils.Progress(range(3), "work", print_freq=1))
     assert capsys.readouterr() == ("", "")
 

@@ -22,6 +22,7 @@ import torch
 
 import main_dino_mc
 import prepare_data
+import runtime
 import utils
 from datasets.demo import write_seco_demo
 
@@ -136,7 +137,7 @@ def test_process_seeds_never_coincide_across_ranks_and_epochs(monkeypatch):
     """seed + epoch + rank gave rank 1 at epoch 0 the stream of rank 0 at epoch 1; derived seeds never coincide."""
     draws = {}
     for rank in range(4):
-        monkeypatch.setattr(utils, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(runtime, "get_rank", lambda rank=rank: rank)
         for epoch in range(4):
             utils.fix_random_seeds(0, epoch)
             draws[rank, epoch] = torch.rand(4).tolist()

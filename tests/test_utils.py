@@ -117,7 +117,7 @@ utils.save_checkpoint({{"epoch": 99}}, {path!r})
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     path = tmp_path / "checkpoint.pth"
     utils.save_checkpoint({"epoch": 1, "weights": torch.arange(10)}, path)
-    code = KILL_WRITER.format(repo=str(utils.Path(utils.__file__).parent), path=str(path))
+    code = KILL_WRITER.format(repo=str(Path(utils.__file__).parent), path=str(path))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"  # the write is under way
     time.sleep(0.2)
