@@ -25,9 +25,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 DEMO_LOCATIONS ?= 256
 DEMO_PER_CLASS ?= 100
 DEMO_DATA = $(PY) -m datasets.demo --output_dir $(DEMO_DIR) --n_locations $(DEMO_LOCATIONS) --n_per_class $(DEMO_PER_CLASS)
-# k-NN evaluation size: the training crop, resized from DEMO_CROP x 256 / 224 like main_dino_mc's online k-NN.
+# k-NN evaluation size: the training crop (eval_knn.py resizes to DEMO_CROP x 256 / 224 first, as the online k-NN).
 DEMO_CROP := 64
-DEMO_RESIZE := 73
+
 DEMO_PRETRAIN = --arch vit_tiny --patch_size 16 --batch_size_per_gpu 16 --out_dim 1024 \
 	--global_crops_size $(DEMO_CROP) --size_crops 32 32 --local_crops_number 2 --epochs $(DEMO_EPOCHS) \
 	--warmup_epochs 2 --lr 0.01 --momentum_teacher 0.99 --use_bn_in_head true \
@@ -39,7 +39,7 @@ demo: venv
 		--output_dir $(DEMO_DIR)/pretrain --knn_data_path $(DEMO_DIR)/eurosat --knn_every 5 $(DEMO_FLAGS)
 	$(PY) eval_knn.py --arch vit_tiny --patch_size 16 --pretrained_weights $(DEMO_DIR)/pretrain/checkpoint.pth \
 		--compare_random --seed $(DEMO_SEED) --data_path $(DEMO_DIR)/eurosat --output_dir $(DEMO_DIR)/knn \
-		--nb_knn 5 10 20 --resize_size $(DEMO_RESIZE) --crop_size $(DEMO_CROP) --batch_size_per_gpu 32 --num_workers 2
+		--nb_knn 5 10 20 --crop_size $(DEMO_CROP) --batch_size_per_gpu 32 --num_workers 2
 
 # k-NN against training steps for dino / mc / tp, three seeds each, with the demo's recipe (benchmarks/README.md).
 learning_curve: venv

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import pickle
 import random
@@ -14,11 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.hub
 import torch.nn as nn
 
 from cli import ConfigError, key_mismatch, one_line
-from runtime import is_main_process
+from runtime import fix_random_seeds, get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 
 
 def write_atomically(path: str | Path, write: Callable[[Any], Any]) -> None:
@@ -41,6 +43,12 @@ def write_atomically(path: str | Path, write: Callable[[Any], Any]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (:func:`write_atomically`): every result file the scripts
+    write goes through here, so a kill never leaves half a file that a later reader would choke on."""
+    write_atomically(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -146,10 +154,19 @@ def restart_from_checkpoint(ckp_path: str | Path, run_variables: dict | None = N
         state = checkpoint[key]
         if isinstance(value, nn.Module):
             state = _match_module_prefix(state, value.state_dict())
-            if set(state) != set(value.state_dict()):
+            expected = value.state_dict()
+            wrong_shape = [
+                f"{k} (checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+                for k, v in state.items()
+                if k in expected and hasattr(v, "shape") and v.shape != expected[k].shape
+            ]
+            if set(state) != set(expected) or wrong_shape:
+                difference = key_mismatch(expected, state) if set(state) != set(expected) else ""
+                if wrong_shape:
+                    difference = f"{len(wrong_shape)} of other shapes (first: {wrong_shape[0]})"
                 raise ConfigError(
-                    f"cannot resume from {ckp_path}: its '{key}' does not fit this model "
-                    f"({key_mismatch(value.state_dict(), state)}); use the same --arch, or another --output_dir"
+                    f"cannot resume from {ckp_path}: its '{key}' does not fit this model ({difference}); "
+                    "use the same --arch, or another --output_dir"
                 )
         value.load_state_dict(state)
         print(f"=> loaded '{key}' from checkpoint '{ckp_path}'")
@@ -192,6 +209,11 @@ def _numpy_globals() -> list:
     return [*builders, np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64))]
 
 
+# How torch.save's files begin: a zip archive (torch >= 1.6), or a pickle (older, and DINO-era checkpoints).
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTOCOL = b"\x80"
+
+
 def load_checkpoint_safely(path: str | Path, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)``: tensors, containers and the few allowlisted classes only.
 
@@ -200,15 +222,60 @@ def load_checkpoint_safely(path: str | Path, mmap: bool = False) -> Any:
     to build) is refused before it can run, so a downloaded file cannot execute code on load. ``mmap`` leaves
     the tensors on disk until they are used (reading a few small entries of a large checkpoint).
     """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; expected a checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((ZIP_MAGIC, PICKLE_PROTOCOL)):
+        raise ConfigError(f"{path} is not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace, *_numpy_globals()]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f"it asks for {unsafe.group(1)}" if unsafe else one_line(err)
+        if unsafe is None:
+            raise ConfigError(f"cannot read checkpoint {path}: {one_line(err)}") from None
         raise ConfigError(
-            f"refusing to load {path}: {what}, which could run code while unpickling "
+            f"refusing to load {path}: it asks for {unsafe.group(1)}, which could run code while unpickling "
             "(only tensors, plain containers, numpy values and argparse.Namespace are accepted)"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ConfigError(f"cannot read checkpoint {path}: {one_line(err)}") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as err:  # truncated or corrupt
+        raise ConfigError(f"cannot read checkpoint {path} (truncated or corrupt?): {one_line(err)}") from None
+
+
+def gather_rng_states(device: str) -> list[dict]:
+    """Every rank's RNG state (rank order), so that a resumed multi-process run continues each stream."""
+    state = get_rng_state(device)
+    if not is_dist_avail_and_initialized():
+        return [state]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def resume_iteration(checkpoint: dict, args: argparse.Namespace, niter: int) -> int:
+    """The iteration of its epoch a (mid-epoch) checkpoint resumes at. Saved with another total batch (world
+    size x --batch_size_per_gpu), it resumes after as many samples of the epoch's global order (which does
+    not depend on the world size), rounded down: none is skipped, a few may be seen twice."""
+    iteration = checkpoint["iteration"]
+    saved = checkpoint["args"]
+    saved_batch = saved.get("world_size", args.world_size) * saved.get("batch_size_per_gpu", args.batch_size_per_gpu)
+    batch = args.world_size * args.batch_size_per_gpu
+    if iteration and saved_batch != batch:
+        converted = min(iteration * saved_batch // batch, niter)
+        print(f"Checkpoint at iteration {iteration} of batches of {saved_batch}: resuming at {converted} of {batch}.")
+        return converted
+    return iteration
+
+
+def restore_rng_state(states: list[dict], seed: int, epoch: int, device: str) -> None:
+    """Restore this rank's RNG stream; with a different world size, reseed per rank and epoch instead."""
+    if len(states) == get_world_size():
+        set_rng_state(states[get_rank()], device)
+    else:
+        print(
+            f"Checkpoint has RNG states for {len(states)} processes, this run has {get_world_size()}: "
+            f"reseeding from --seed {seed} and epoch {epoch}."
+        )
+        fix_random_seeds(seed, epoch)

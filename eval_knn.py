@@ -19,9 +19,7 @@ published numbers use train vs val; ``--test_split test`` evaluates on the held-
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 import utils
 from datasets import eurosat
 from datasets.bands import parse_bands
-from datasets.transforms import eval_transform
+from datasets.transforms import eval_resize, eval_transform
 
 FEATURE_FILES = ("trainfeat.pth", "trainlabels.pth", "testfeat.pth", "testlabels.pth")
 
@@ -56,14 +54,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--temperature", default=DEFAULT_TEMPERATURE, type=float, help="Temperature T of the exp(sim / T) votes."
     )
     parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Images per process and forward pass.")
-    parser.add_argument("--num_workers", default=8, type=int, help="Data loading processes per process.")
+    parser.add_argument("--num_workers", default=utils.default_workers(8), type=int, help="Loader workers (<= CPUs).")
     parser.add_argument(
         "--chunk_size",
         default=1024,
         type=int,
         help="Test images compared with the whole memory bank at once (memory: chunk_size x train images).",
     )
-    parser.add_argument("--resize_size", default=256, type=int, help="Shorter side after the bicubic resize.")
+    parser.add_argument(
+        "--resize_size",
+        default=None,
+        type=int,
+        help="Shorter side after the bicubic resize. Default: --crop_size x 256 / 224 (256 for 224), as DINO.",
+    )
     parser.add_argument("--crop_size", default=224, type=int, help="Side of the centre crop fed to the network.")
     parser.add_argument(
         "--data_path",
@@ -96,6 +99,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise utils.ConfigError(f"--nb_knn {' '.join(map(str, args.nb_knn))}: every k must be >= 1")
     if args.temperature <= 0:
         raise utils.ConfigError(f"--temperature {args.temperature}: expected a positive number")
+    if args.resize_size is None:
+        args.resize_size = eval_resize(args.crop_size)
     for flag in ("batch_size_per_gpu", "chunk_size", "resize_size", "crop_size"):
         if getattr(args, flag) < 1:
             raise utils.ConfigError(f"--{flag} {getattr(args, flag)}: expected a positive number")
@@ -113,15 +118,29 @@ def check_args(args: argparse.Namespace) -> None:
         args.band_list = parse_bands(args.bands)
 
 
+def knn_splits(
+    data_path: str | Path,
+    bands: list[str],
+    crop_size: int,
+    resize_size: int | None = None,
+    splits: tuple[str, str] = ("train", "val"),
+    seed: int = 0,
+) -> tuple[eurosat.EuroSAT, eurosat.EuroSAT]:
+    """The memory-bank and evaluated EuroSAT splits with the evaluation transform of their format:
+    Resize(``resize_size``, default :func:`eval_resize` of the crop) + CenterCrop(``crop_size``)."""
+    train_set, test_set = (eurosat.EuroSAT(data_path, split, bands, seed=seed) for split in splits)
+    normalize = train_set.input_normalization()
+    train_set.transform = test_set.transform = eval_transform(bands, resize_size, crop_size, normalize=normalize)
+    return train_set, test_set
+
+
 def build_datasets(args: argparse.Namespace) -> tuple[eurosat.EuroSAT, eurosat.EuroSAT]:
-    """The memory-bank and evaluated EuroSAT splits with the evaluation transform of their format."""
+    """--data_path's --train_split and --test_split; a generated split is saved to --output_dir."""
+    splits = (args.train_split, args.test_split)
     with utils.config_errors():  # --bands asks for bands that this copy of EuroSAT does not hold
-        train_set = eurosat.EuroSAT(args.data_path, args.train_split, args.band_list, seed=args.seed)
-        test_set = eurosat.EuroSAT(args.data_path, args.test_split, args.band_list, seed=args.seed)
-    # RGB JPEGs are uint8 (ImageNet statistics); MS GeoTIFFs are raw L1C values with their own statistics.
-    normalize = partial(eurosat.normalize, bands=args.band_list) if train_set.multispectral else None
-    transform = eval_transform(args.band_list, args.resize_size, args.crop_size, normalize=normalize)
-    train_set.transform = test_set.transform = transform
+        train_set, test_set = knn_splits(
+            args.data_path, args.band_list, args.crop_size, args.resize_size, splits, args.seed
+        )
     if train_set.generated_split is not None and utils.is_main_process():
         written = eurosat.save_split(train_set.generated_split, args.output_dir)
         print(f"{args.data_path} ships no split: drew a stratified 60/20/20 split, saved as {written[0].parent}/")
@@ -136,17 +155,22 @@ def build_model(args: argparse.Namespace, weights: str | None) -> tuple[nn.Modul
     same network, and the random baseline must be the same from run to run.
     """
     torch.manual_seed(args.seed)
-    try:
-        model, feat_dim = utils.build_backbone(args.arch, args.patch_size, len(args.band_list))
-    except ValueError as err:
-        raise utils.ConfigError(str(err)) from None
-    utils.load_pretrained_weights(model, weights, args.checkpoint_key)
+    model, feat_dim = utils.load_backbone(
+        args.arch, args.patch_size, args.band_list, weights, args.checkpoint_key, args.adapt_input
+    )
     return model.to(args.device).eval(), feat_dim
 
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, feat_dim: int, dataset: torch.utils.data.Dataset, args: argparse.Namespace, header: str
+    model: nn.Module,
+    feat_dim: int,
+    dataset: torch.utils.data.Dataset,
+    device: str,
+    batch_size: int,
+    num_workers: int = 0,
+    print_freq: int = 10,
+    header: str = "Features:",
 ) -> torch.Tensor:
     """L2-normalised features (N, feat_dim) of ``dataset`` in dataset order, on every process.
 
@@ -157,19 +181,19 @@ def extract_features(
     indices = list(range(utils.get_rank(), len(dataset), utils.get_world_size()))
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices),
-        batch_size=args.batch_size_per_gpu,
-        num_workers=args.num_workers,
-        pin_memory=args.device.startswith("cuda"),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.startswith("cuda"),
         drop_last=False,
     )
-    features = torch.zeros(len(dataset), feat_dim, device=args.device)
+    features = torch.zeros(len(dataset), feat_dim, device=device)
     offset = 0
-    for images, _ in utils.Progress(loader, header, args.print_freq):
-        out = F.normalize(model(images.to(args.device, non_blocking=True)).float(), dim=1)
-        rows = torch.tensor(indices[offset : offset + len(out)], device=args.device)
+    for images, _ in utils.Progress(loader, header, print_freq):
+        out = F.normalize(model(images.to(device, non_blocking=True)).float(), dim=1)
+        rows = torch.tensor(indices[offset : offset + len(out)], device=device)
         features.index_copy_(0, rows, out)
         offset += len(out)
-    if args.distributed:
+    if utils.is_dist_avail_and_initialized():
         dist.all_reduce(features)
     return features
 
@@ -240,11 +264,40 @@ def load_features(folder: str | Path) -> tuple[torch.Tensor, ...]:
     return tensors
 
 
-def check_nb_knn(nb_knn: list[int], n_train: int) -> None:
-    """Every k must fit in the memory bank; checked before the (long) feature extraction."""
+def clamp_nb_knn(nb_knn: list[int], n_train: int, flag: str = "--nb_knn") -> list[int]:
+    """The k values, those larger than the memory bank replaced by its size (one warning line): a small
+    dataset then runs with the defaults instead of stopping after the feature extraction."""
     too_large = [k for k in nb_knn if k > n_train]
-    if too_large:
-        raise utils.ConfigError(f"--nb_knn {too_large[0]} is larger than the {n_train} images of the memory bank")
+    if not too_large:
+        return list(nb_knn)
+    utils.warn(
+        f"{flag} {' '.join(map(str, too_large))}: larger than the {n_train} images of the memory bank; "
+        f"using k = {n_train}"
+    )
+    return list(dict.fromkeys(min(k, n_train) for k in nb_knn))
+
+
+def knn_top1(
+    backbone: nn.Module,
+    feat_dim: int,
+    splits: tuple[eurosat.EuroSAT, eurosat.EuroSAT],
+    nb_knn: list[int],
+    device: str,
+    batch_size: int,
+    print_freq: int = 10,
+    header: str = "k-NN:",
+) -> dict[int, float]:
+    """Top-1 (%) for every k of the weighted k-NN on ``backbone``'s features: this script's protocol, called by
+    the pretraining's online k-NN, so that it equals this script run on the checkpoint."""
+    was_training = backbone.training
+    backbone.eval()
+    features = [extract_features(backbone, feat_dim, d, device, batch_size, 0, print_freq, header) for d in splits]
+    backbone.train(was_training)
+    labels = [torch.tensor(d.targets, dtype=torch.long, device=device) for d in splits]
+    accuracies = knn_classifier(
+        features[0], labels[0], features[1], labels[1], nb_knn, DEFAULT_TEMPERATURE, len(splits[0].classes)
+    )
+    return {k: top1 for k, (top1, _) in accuracies.items()}
 
 
 def evaluate(features: tuple[torch.Tensor, ...], num_classes: int, args: argparse.Namespace) -> dict:
@@ -274,7 +327,9 @@ def print_table(results: dict, random_results: dict | None) -> None:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, dataset: torch.utils.data.Dataset, args: argparse.Namespace) -> None:
+def recalibrate_batchnorm(
+    model: nn.Module, dataset: torch.utils.data.Dataset, device: str, batch_size: int, num_workers: int, print_freq: int
+) -> None:
     """Recompute a random network's BatchNorm statistics on ``dataset`` (one pass, cumulative average).
 
     Why: at initialisation the running statistics are 0 / 1, which fit no real input, so a random baseline
@@ -286,10 +341,10 @@ def recalibrate_batchnorm(model: nn.Module, dataset: torch.utils.data.Dataset, a
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None  # cumulative moving average: the mean over all batches
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     model.train()
-    for images, _ in utils.Progress(loader, "BatchNorm statistics of the random network:", args.print_freq):
-        model(images.to(args.device, non_blocking=True))
+    for images, _ in utils.Progress(loader, "BatchNorm statistics of the random network:", print_freq):
+        model(images.to(device, non_blocking=True))
     model.eval()
     print(f"Random weights: BatchNorm statistics of {len(layers)} layers recomputed on {len(dataset)} images.")
 
@@ -299,11 +354,13 @@ def network_features(
 ) -> tuple[torch.Tensor, ...]:
     """(train features, train labels, test features, test labels) of the backbone loaded with ``weights``."""
     model, feat_dim = build_model(args, weights)
-    train_set, test_set = datasets
+    loading = (args.device, args.batch_size_per_gpu, args.num_workers, args.print_freq)
     if str(weights).lower() == "none" and utils.has_batchnorms(model):
-        recalibrate_batchnorm(model, train_set, args)
-    train_features = extract_features(model, feat_dim, train_set, args, f"{name} {args.train_split}:")
-    test_features = extract_features(model, feat_dim, test_set, args, f"{name} {args.test_split}:")
+        recalibrate_batchnorm(model, datasets[0], *loading)
+    train_features, test_features = (
+        extract_features(model, feat_dim, dataset, *loading, f"{name} {split}:")
+        for dataset, split in zip(datasets, (args.train_split, args.test_split))
+    )
     labels = [torch.tensor(d.targets, dtype=torch.long, device=args.device) for d in datasets]
     return train_features, labels[0], test_features, labels[1]
 
@@ -318,11 +375,11 @@ def main(args: argparse.Namespace) -> None:
     random_results = None
     if args.load_features:
         features = load_features(args.load_features)
-        check_nb_knn(args.nb_knn, len(features[0]))
+        args.nb_knn = clamp_nb_knn(args.nb_knn, len(features[0]))
         num_classes = int(max(features[1].max(), features[3].max())) + 1
     else:
         datasets = build_datasets(args)
-        check_nb_knn(args.nb_knn, len(datasets[0]))
+        args.nb_knn = clamp_nb_knn(args.nb_knn, len(datasets[0]))
         num_classes = len(datasets[0].classes)
         features = network_features(args, args.pretrained_weights, datasets, "pretrained")
         if args.dump_features and utils.is_main_process():
@@ -331,11 +388,11 @@ def main(args: argparse.Namespace) -> None:
             random_features = network_features(args, "none", datasets, "random")
             if utils.is_main_process():
                 random_results = evaluate(random_features, num_classes, args)
-                (output_dir / "knn_random.json").write_text(json.dumps(random_results, indent=1) + "\n")
+                utils.write_json(output_dir / "knn_random.json", random_results)
 
     if utils.is_main_process():
         results = evaluate(features, num_classes, args)
-        (output_dir / "knn.json").write_text(json.dumps(results, indent=1) + "\n")
+        utils.write_json(output_dir / "knn.json", results)
         tensorboard = utils.TensorBoardLog(output_dir, args.tensorboard)
         tensorboard.write({"knn": results, "knn_random": random_results or {}}, step=0)
         tensorboard.close()

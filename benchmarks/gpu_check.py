@@ -45,6 +45,7 @@ import train_step  # noqa: E402
 
 import main_dino_mc  # noqa: E402
 import utils  # noqa: E402
+from datasets import pretraining
 from datasets.demo import write_seco_demo  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +157,7 @@ def fixed_batch_loss(
     ncrops = train_args.global_crops_number + train_args.local_crops_number
     dino_loss = main_dino_mc.DINOLoss(settings["out_dim"], ncrops, 0.04, 0.04, 0, 2).to(device)
     with utils.autocast(precision, device):
-        loss = dino_loss(student(crops), teacher(crops[:2]), 0)
+        loss, _ = dino_loss(student(crops), teacher(crops[:2]), 0)
     grads = {}
     if gradients:
         loss.backward()
@@ -304,7 +305,7 @@ def check_loader(report: Report, settings: dict, args: argparse.Namespace, data:
         loader_args.__dict__.update(world_size=1, rank=0, device=args.device)
         main_dino_mc.check_args(loader_args)
         with contextlib.redirect_stdout(sys.stderr):
-            _, loader, to_crops = main_dino_mc.build_data(loader_args)
+            _, loader, to_crops = pretraining.build_data(loader_args)
         loader.sampler.set_epoch(0)
         batches = iter(loader)
         next(batches)

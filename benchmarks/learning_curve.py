@@ -57,7 +57,7 @@ def random_baseline(args: argparse.Namespace, flags: list[str], seed: int, out: 
     eval_knn.run(
         ["--arch", parsed.arch, "--patch_size", str(parsed.patch_size), "--bands", parsed.bands]
         + ["--pretrained_weights", "none", "--data_path", str(Path(args.data_dir) / "eurosat"), "--seed", str(seed)]
-        + ["--output_dir", str(out), "--resize_size", str(round(crop * 256 / 224)), "--crop_size", str(crop)]
+        + ["--output_dir", str(out), "--crop_size", str(crop)]
         + ["--nb_knn", *map(str, args.knn_nb), "--num_workers", "0", "--device", parsed.device]
     )
     results = json.loads((out / "knn.json").read_text())

@@ -40,8 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import main_dino_mc  # noqa: E402
 import utils  # noqa: E402
+from datasets import pretraining
 from datasets.bands import parse_bands  # noqa: E402
 from datasets.demo import write_seco_demo  # noqa: E402
 from datasets.seco import SeCoDataset  # noqa: E402
@@ -363,9 +363,9 @@ def measure_locality(tree: Path, tmp: Path, shard_size: int, world: int = 4) -> 
             source.files = CountingFiles(store)
             ranks = {"num_replicas": world, "rank": rank, "shuffle": True, "seed": 0}
             if shard_shuffle:
-                sampler = main_dino_mc.ShardBlockSampler(dataset, shards, 1, **ranks)
+                sampler = pretraining.ShardBlockSampler(dataset, shards, 1, **ranks)
             else:
-                sampler = main_dino_mc.ResumableSampler(dataset, 1, **ranks)
+                sampler = pretraining.ResumableSampler(dataset, 1, **ranks)
             sampler.set_epoch(1)
             for index, _ in sampler:
                 source.read(index, 0)

@@ -40,8 +40,10 @@ from torch.utils.flop_counter import FlopCounterMode, bmm_flop, sdpa_backward_fl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import main_dino_mc  # noqa: E402
+import preemption
 import utils  # noqa: E402
 import vision_transformer as vits  # noqa: E402
+from datasets import pretraining, transforms
 
 # Dense bf16/fp16 tensor-core peak of NVIDIA cards in TFLOP/s (NVIDIA data sheets, no sparsity), matched in order
 # against torch.cuda.get_device_name(); for other devices and precisions pass --peak_tflops.
@@ -130,13 +132,13 @@ def training_args(args: argparse.Namespace) -> argparse.Namespace:
     train_args.distributed = False
     train_args.epochs = 2  # the timed epoch is epoch 1, past --freeze_last_layer: the prototypes train too
     train_args.print_freq = 10**9
-    main_dino_mc.resolve_crop_args(train_args)
+    transforms.resolve_crop_args(train_args)
     return train_args
 
 
 def make_crops(args: argparse.Namespace, train_args: argparse.Namespace) -> list[torch.Tensor]:
     """One batch of normalised-looking random crops in the sizes the mode's augmentation produces."""
-    sizes = main_dino_mc.build_transform(train_args).crop_sizes
+    sizes = pretraining.build_transform(train_args).crop_sizes
     in_chans = len(train_args.bands.split(","))
     generator = torch.Generator().manual_seed(args.seed)
     crops = [torch.randn(args.batch_size_per_gpu, in_chans, s, s, generator=generator) for s in sizes]
@@ -216,7 +218,7 @@ def published_epoch(student, teacher, dino_loss, batches, optimizer, lr, wd, mom
         with utils.autocast(precision, args.device):
             teacher_output = teacher(images[: args.global_crops_number])
             student_output = student(images)
-            loss = dino_loss(student_output, teacher_output, epoch)
+            loss, _ = dino_loss(student_output, teacher_output, epoch)
         loss.item()
         optimizer.zero_grad()
         loss.backward()
@@ -270,7 +272,7 @@ def run_steps(args: argparse.Namespace) -> dict:
         schedules = [np.full(n * train_args.epochs, v) for v in (lr, wd, momentum)]
         ema_pairs = (list(teacher_without_ddp.parameters()), list(student.parameters()))
         fp16_scaler = utils.make_grad_scaler(precision, device)
-        watch = main_dino_mc.PreemptionWatch()
+        watch = preemption.PreemptionWatch()
         with contextlib.redirect_stdout(sys.stderr):
             try:
                 main_dino_mc.train_one_epoch(

@@ -49,6 +49,13 @@ from datasets.bands import IMAGENET_MEAN, IMAGENET_STD, SECO_MS_MEAN_STD, is_rgb
 
 DATA_MODES: tuple[str, ...] = ("dino", "mc", "tp")
 GLOBAL_CROPS_NUMBER: dict[str, int] = {"dino": 2, "mc": 2, "tp": 3}
+# The crop flags a pretraining run leaves unset (None) take their mode's defaults: DINO's own multi-crop for
+# dino, the published DINO-MC values for mc and tp.
+CROP_DEFAULTS: dict[str, dict] = {
+    "dino": {"global_crops_scale": (0.4, 1.0), "local_crops_scale": (0.05, 0.4), "local_crops_number": 8},
+    "mc": {"global_crops_scale": (0.32, 1.0), "local_crops_scale": (0.05, 0.32), "local_crops_number": 6},
+    "tp": {"global_crops_scale": (0.32, 1.0), "local_crops_scale": (0.05, 0.32), "local_crops_number": 6},
+}
 DINO_LOCAL_SIZE = 96
 BICUBIC = v2.InterpolationMode.BICUBIC
 BILINEAR = v2.InterpolationMode.BILINEAR  # torchvision's default, the published mc / tp local crops
@@ -126,7 +133,7 @@ def gaussian_blur(image: torch.Tensor, kernel: int, sigma: float) -> torch.Tenso
 
 def _blur_by_shifted_sums(padded: torch.Tensor, weights: list[float]) -> torch.Tensor:
     """Each pass as k scaled adds of shifted slices of the padded image: vectorised along rows, so fast for
-    a few bands whose crop stays in cache (RGB: 1.5-2x faster than a depthwise convolution)."""
+    a few bands whose crop stays in cache, where it beats a depthwise convolution."""
     kernel = len(weights)
     height, width = padded.shape[-2] - kernel + 1, padded.shape[-1] - kernel + 1
     rows = padded[..., :, :width] * weights[0]
@@ -140,7 +147,7 @@ def _blur_by_shifted_sums(padded: torch.Tensor, weights: list[float]) -> torch.T
 
 def _blur_by_convolution(padded: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Each pass as a depthwise convolution on a band-interleaved copy, where oneDNN vectorises across bands
-    (12 bands: 2-3x faster than shifted sums, whose passes over megabytes of crop miss the cache).
+    (with many bands it beats shifted sums, whose passes over megabytes of crop miss the cache).
 
     The result stays band-interleaved; :class:`Normalize` writes it out in the standard layout.
     """
@@ -193,8 +200,8 @@ def adjust_hue(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
     Same hue as torchvision's RGB->HSV, but back to RGB in closed form, c = max - min (the chroma):
     channel n in (R 5, G 3, B 1) = max - c * clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6. torchvision builds
     six masks and gathers instead. The whole function is branch-free float arithmetic: on a CPU a comparison
-    or ``torch.where`` costs ~5x an add and ``remainder`` ~15x, so the max channel is selected by ``sign`` and
-    the wrap by ``floor`` (3-5x faster than torchvision; hue is the costliest step of the colour jitter).
+    or ``torch.where`` costs several adds and ``remainder`` more, so the max channel is selected by ``sign`` and
+    the wrap by ``floor`` (hue is the costliest step of the colour jitter).
     """
     r, g, b = image.unbind(dim=-3)
     maxc = torch.maximum(torch.maximum(r, g), b)
@@ -529,10 +536,30 @@ class MultiCropAugmentation:
         )
 
 
+def resolve_crop_args(args) -> None:
+    """Fill a pretraining run's unset crop flags (:data:`CROP_DEFAULTS`, the published ``--min_scale_crops`` /
+    ``--max_scale_crops`` aliases of --local_crops_scale, the mode's global crops); the augmentation checks them."""
+    for name, value in CROP_DEFAULTS[args.data_mode].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    low, high = args.local_crops_scale
+    low = low if args.min_scale_crops is None else args.min_scale_crops
+    high = high if args.max_scale_crops is None else args.max_scale_crops
+    args.local_crops_scale, args.global_crops_scale = (low, high), tuple(args.global_crops_scale)
+    if args.global_crops_number is None:
+        args.global_crops_number = GLOBAL_CROPS_NUMBER[args.data_mode]
+
+
+def eval_resize(crop: int) -> int:
+    """The resize before a centre crop of ``crop`` px: DINO's Resize 256 + CenterCrop 224, in proportion."""
+    return round(crop * 256 / 224)
+
+
 def eval_transform(
-    bands: Sequence[str] | str | None, resize: int = 256, crop: int = 224, normalize: Callable | None = None
+    bands: Sequence[str] | str | None, resize: int | None = None, crop: int = 224, normalize: Callable | None = None
 ) -> v2.Compose:
-    """Evaluation preprocessing: Resize(shorter side ``resize``, bicubic) + CenterCrop(``crop``) + normalisation.
+    """Evaluation preprocessing: Resize(shorter side ``resize``, bicubic; default :func:`eval_resize`) +
+    CenterCrop(``crop``) + normalisation.
 
     Input: a uint8 C x H x W tensor, or 16-bit values as float32. ``normalize`` receives the cropped tensor
     (dtype as given) and returns a float tensor; the default, :class:`Normalize`, expects SeCo-scale 0..255
@@ -540,7 +567,7 @@ def eval_transform(
     """
     return v2.Compose(
         [
-            v2.Resize(resize, interpolation=BICUBIC, antialias=True),
+            v2.Resize(resize or eval_resize(crop), interpolation=BICUBIC, antialias=True),
             v2.CenterCrop(crop),
             normalize if normalize is not None else Normalize(parse_bands(bands)),
         ]

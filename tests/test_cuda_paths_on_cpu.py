@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import main_dino_mc
+import preemption
 import utils
 import vision_transformer as vits
 from datasets.demo import write_seco_demo
@@ -125,7 +126,7 @@ def test_teacher_wrapped_in_ddp_trains_and_follows_the_student(tmp_path, monkeyp
             *(torch.full((2,), 0.01), torch.full((2,), 0.04), torch.zeros(2), 0, None, "fp32", args),
             first_iteration=0,
             meters={},
-            watch=main_dino_mc.PreemptionWatch(),
+            watch=preemption.PreemptionWatch(),
             save=lambda *unused: {},
         )
     finally:

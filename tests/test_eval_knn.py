@@ -136,7 +136,6 @@ def test_multispectral_bands(tmp_path):
     [
         (["--pretrained_weights", "/no/such/ckpt.pth"], "error: --pretrained_weights /no/such/ckpt.pth does not exist"),
         ([], "error: --pretrained_weights is required"),
-        (["--pretrained_weights", "none", "--nb_knn", "50"], "error: --nb_knn 50 is larger than the 16 images"),
         (["--pretrained_weights", "none", "--bands", "B4,B3,B2,B8"], "error: --bands B4,B3,B2,B8 needs the EuroSAT MS"),
         (["--pretrained_weights", "none", "--compare_random"], "error: --compare_random compares"),
     ],
@@ -147,6 +146,21 @@ def test_bad_input_is_one_line_exit_2(rgb_root, tmp_path, capsys, extra, message
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and "\n" not in err
+
+
+def test_k_larger_than_the_memory_bank_is_clamped_with_one_warning(rgb_root, tmp_path, capsys):
+    """The default k values (up to 200) on a 16-image memory bank: k = 16 instead, said once, and the run ends."""
+    eval_knn.run(
+        TINY + ["--pretrained_weights", "none", "--data_path", str(rgb_root), "--output_dir", str(tmp_path)]
+        + ["--nb_knn", "3", "50", "200"]
+    )  # fmt: skip
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --nb_knn 50 200: larger than the 16 images of the memory bank; using k = 16"]
+    results = read_json(tmp_path / "knn.json")
+    assert list(results) == ["3", "16"]
+    common = ["--pretrained_weights", "none", "--data_path", str(rgb_root), "--nb_knn", "16"]
+    eval_knn.run(TINY + common + ["--output_dir", str(tmp_path / "exact")])
+    assert results["16"] == read_json(tmp_path / "exact" / "knn.json")["16"]  # the same k = 16 run
 
 
 def test_torchrun_two_processes_give_the_single_process_features(rgb_root, tmp_path):

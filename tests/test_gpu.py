@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import main_dino_mc
 import utils
 import vision_transformer as vits
+from datasets import pretraining
 from datasets.demo import write_seco_demo
 
 pytestmark = pytest.mark.gpu
@@ -29,7 +30,7 @@ def test_a_plain_process_takes_the_first_gpu_with_tf32(monkeypatch):
 def test_seeded_samples_leave_the_gpus_generator_where_it_was():
     torch.cuda.manual_seed(5)
     before = torch.cuda.get_rng_state()
-    main_dino_mc.SeededSamples(list(range(4)))[2, 99]
+    pretraining.SeededSamples(list(range(4)))[2, 99]
     assert torch.equal(torch.cuda.get_rng_state(), before)
 
 

@@ -86,7 +86,7 @@ def test_online_knn_equals_eval_knn_on_the_checkpoint(seco_root, eurosat_root, t
     eval_knn.run(
         ["--arch", "vit_tiny", "--patch_size", "16", "--pretrained_weights", str(out / "checkpoint.pth")]
         + ["--data_path", str(eurosat_root), "--output_dir", str(tmp_path / "knn"), "--nb_knn", "1", "3"]
-        + ["--resize_size", str(round(64 * 256 / 224)), "--crop_size", "64", "--num_workers", "0", "--device", "cpu"]
+        + ["--crop_size", "64", "--num_workers", "0", "--device", "cpu"]
     )
     offline = json.loads((tmp_path / "knn" / "knn.json").read_text())
     assert log[1]["knn_top1_k1"] == pytest.approx(offline["1"]["top1"])
@@ -112,9 +112,7 @@ def test_random_baseline_batchnorm_statistics_are_those_of_the_data(eurosat_root
     subset = torch.utils.data.Subset(dataset, range(8))
     torch.manual_seed(0)
     model = utils.build_backbone("resnet18")[0].eval()
-    args = eval_knn.get_args_parser().parse_args(["--batch_size_per_gpu", "4", "--num_workers", "0"])
-    args.device = "cpu"
-    eval_knn.recalibrate_batchnorm(model, subset, args)
+    eval_knn.recalibrate_batchnorm(model, subset, "cpu", batch_size=4, num_workers=0, print_freq=10)
     images = torch.stack([subset[i][0] for i in range(8)])
     with torch.no_grad():
         expected = model.conv1(images).mean(dim=(0, 2, 3))

@@ -20,10 +20,14 @@ import pytest
 import test_engine
 import torch
 
+import checkpoints
 import main_dino_mc
+import preemption
 import prepare_data
+import pretrained
 import runtime
 import utils
+from datasets import pretraining
 from datasets.demo import write_seco_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,10 +162,10 @@ class RandomSamples(torch.utils.data.Dataset):
 
 
 def loader_draws(num_workers: int, epoch: int, start_iteration: int = 0, rank: int = 0) -> list[list[float]]:
-    sampler = main_dino_mc.ResumableSampler(RandomSamples(), 2, num_replicas=2, rank=rank, shuffle=True, seed=5)
+    sampler = pretraining.ResumableSampler(RandomSamples(), 2, num_replicas=2, rank=rank, shuffle=True, seed=5)
     sampler.set_epoch(epoch, start_iteration)
     loader = torch.utils.data.DataLoader(
-        main_dino_mc.SeededSamples(RandomSamples()),
+        pretraining.SeededSamples(RandomSamples()),
         sampler=sampler,
         batch_size=2,
         num_workers=num_workers,
@@ -189,7 +193,7 @@ def test_seeded_samples_leave_the_cuda_generators_alone(monkeypatch):
     from the sample's seed at every sample. Its CPU draws are still a function of the seed alone."""
     cuda_seeds = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeds.append)
-    samples = main_dino_mc.SeededSamples(RandomSamples())
+    samples = pretraining.SeededSamples(RandomSamples())
     first, again = samples[3, 77], samples[3, 77]
     torch.manual_seed(77)
     assert cuda_seeds == [77]  # the spy sees torch.manual_seed's reseeding
@@ -241,7 +245,7 @@ def test_sigusr2_mid_epoch_with_workers_saves_and_resumes_to_the_same_teacher(re
     proc = sigusr2_after_first_step(tiny_args(seco_root, preempted, *workers))
     _, err = uninterrupted.communicate(timeout=300)
     assert uninterrupted.returncode == 0, err[-3000:]
-    assert proc.returncode == main_dino_mc.PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
+    assert proc.returncode == preemption.PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
     ckpt = torch.load(preempted / "checkpoint.pth")
     assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] < ITERS_PER_EPOCH  # mid-epoch, not the epoch's end
     message = f"preempted at epoch 0, iteration {ckpt['iteration']}: checkpoint saved; run the same command to resume"
@@ -294,7 +298,7 @@ def test_preemption_hands_the_signal_to_the_previous_handler(seco_root, tmp_path
             main_dino_mc.run(tiny_args(seco_root, tmp_path, "--epochs", "1"))
     finally:
         restored = signal.signal(signal.SIGUSR2, previous)
-    assert exc.value.code == main_dino_mc.PREEMPTED_EXIT_CODE
+    assert exc.value.code == preemption.PREEMPTED_EXIT_CODE
     assert seen == [(signal.SIGUSR2, 2)] and restored is requeue
 
 
@@ -312,7 +316,7 @@ def test_signal_to_one_rank_stops_both_at_the_same_iteration(seco_root, tmp_path
             procs[1].send_signal(signal.SIGTERM)
             break
     results = finish(procs)
-    assert [code for code, _, _ in results] == [main_dino_mc.PREEMPTED_EXIT_CODE] * 2, results[0][2][-2000:]
+    assert [code for code, _, _ in results] == [preemption.PREEMPTED_EXIT_CODE] * 2, results[0][2][-2000:]
     ckpt = torch.load(tmp_path / "checkpoint.pth")
     assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] < ITERS_PER_EPOCH and len(ckpt["rng_state"]) == 2
     assert f"preempted at epoch 0, iteration {ckpt['iteration']}" in results[0][1]
@@ -340,8 +344,8 @@ import main_dino_mc
 original, calls = main_dino_mc.DINOLoss.forward, []
 def forward(self, *args, **kwargs):
     calls.append(1)
-    loss = original(self, *args, **kwargs)
-    return loss * float("nan") if os.environ["RANK"] == "1" and len(calls) == 2 else loss
+    loss, probs = original(self, *args, **kwargs)
+    return (loss * float("nan") if os.environ["RANK"] == "1" and len(calls) == 2 else loss), probs
 main_dino_mc.DINOLoss.forward = forward
 main_dino_mc.run(sys.argv[1:])
 """
@@ -399,7 +403,7 @@ def test_nodes_sharing_a_cache_folder_do_not_corrupt_each_other(tmp_path):
 
     def node() -> None:
         try:
-            results.append(utils._download_once(target, download, "http://example.org/w.pth"))
+            results.append(pretrained._download_once(target, download, "http://example.org/w.pth"))
         except Exception as err:  # the old shared ".partial" made the second rename fail
             errors.append(err)
 
@@ -539,10 +543,10 @@ def test_resume_iteration_with_another_total_batch():
     args = main_dino_mc.get_args_parser().parse_args(["--batch_size_per_gpu", "4"])
     args.world_size = 2
     same = {"iteration": 3, "args": {"world_size": 2, "batch_size_per_gpu": 4}}
-    assert main_dino_mc.resume_iteration(same, args, niter=10) == 3
-    assert main_dino_mc.resume_iteration({"iteration": 3, "args": {}}, args, niter=10) == 3  # args unknown
+    assert checkpoints.resume_iteration(same, args, niter=10) == 3
+    assert checkpoints.resume_iteration({"iteration": 3, "args": {}}, args, niter=10) == 3  # args unknown
     # 3 batches of 4 x 1 process = 12 samples: one batch of 8 done, the next starts at the 9th sample
     one_process = {"iteration": 3, "args": {"world_size": 1, "batch_size_per_gpu": 4}}
-    assert main_dino_mc.resume_iteration(one_process, args, niter=10) == 1
+    assert checkpoints.resume_iteration(one_process, args, niter=10) == 1
     many = {"iteration": 9, "args": {"world_size": 8, "batch_size_per_gpu": 4}}
-    assert main_dino_mc.resume_iteration(many, args, niter=10) == 10  # never past the epoch's end
+    assert checkpoints.resume_iteration(many, args, niter=10) == 10  # never past the epoch's end

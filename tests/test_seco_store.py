@@ -13,9 +13,8 @@ import rasterio
 import torch
 import zarr
 
-import main_dino_mc
 import prepare_data
-from datasets import DataError
+from datasets import DataError, pretraining
 from datasets.bands import S2_BANDS
 from datasets.seco import SeCoDataset
 from datasets.seco_store import SeCoStore, shard_key
@@ -209,7 +208,7 @@ def test_shard_blocks_split_the_store_per_rank_and_resume_exactly(band_tree, all
     assert shards == [0, 1, 3]  # locations start at acquisitions 0, 3, 6 with 2 per shard
 
     def order(rank: int, epoch: int, start: int = 0) -> list[tuple[int, int]]:
-        sampler = main_dino_mc.ShardBlockSampler(dataset, shards, 1, num_replicas=2, rank=rank, seed=5)
+        sampler = pretraining.ShardBlockSampler(dataset, shards, 1, num_replicas=2, rank=rank, seed=5)
         sampler.set_epoch(epoch, start)
         return list(sampler)
 
