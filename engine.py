@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -55,7 +53,7 @@ def add_finetune_args(
     )
     group.add_argument("--lr", default=lr, type=float, help=lr_help)
     group.add_argument("--batch_size_per_gpu", default=batch_size, type=int, help="Samples per process and step.")
-    group.add_argument("--num_workers", default=4, type=int, help="Data loading workers per process.")
+    group.add_argument("--num_workers", default=utils.default_workers(4), type=int, help="Loader workers (<= CPUs).")
     group.add_argument(
         "--train_frac",
         default=1.0,
@@ -101,16 +99,6 @@ def setup(args: argparse.Namespace) -> str:
     return utils.resolve_precision(args, args.device, Path(args.output_dir) / "checkpoint.pth")
 
 
-def build_backbone(args: argparse.Namespace, in_chans: int) -> tuple[nn.Module, int]:
-    """``--arch`` with ``--pretrained_weights`` loaded through the shared strict loader ("none" = random)."""
-    try:
-        backbone, feat_dim = utils.build_backbone(args.arch, args.patch_size, in_chans)
-    except ValueError as err:
-        raise utils.ConfigError(str(err)) from None
-    utils.load_pretrained_weights(backbone, args.pretrained_weights, args.checkpoint_key)
-    return backbone, feat_dim
-
-
 def scaled_lr(args: argparse.Namespace) -> float:
     """The linear scaling rule of DINO's evaluations: ``--lr`` x total batch / 256."""
     return args.lr * args.batch_size_per_gpu * utils.get_world_size() / 256.0
@@ -147,7 +135,17 @@ class ShardSampler(torch.utils.data.Sampler):
 def make_loader(dataset, args: argparse.Namespace, train: bool) -> torch.utils.data.DataLoader:
     """Train: shuffled per epoch from ``--seed`` (DistributedSampler, also in a plain process), last partial
     batch dropped; evaluation: every sample exactly once, in order. Workers are not persistent: they are
-    re-seeded from the (re-seeded) torch generator every epoch, which makes resumed runs exact."""
+    re-seeded from the (re-seeded) torch generator every epoch, which makes resumed runs exact.
+
+    A train split smaller than one batch per process sets --batch_size_per_gpu to its share, with one warning
+    line, before the learning rate is scaled from it: a small dataset runs with the defaults."""
+    share = len(dataset) // utils.get_world_size()
+    if train and 0 < share < args.batch_size_per_gpu:
+        utils.warn(
+            f"--batch_size_per_gpu {args.batch_size_per_gpu}: the train split has {len(dataset)} samples for "
+            f"{utils.get_world_size()} processes; using batches of {share}"
+        )
+        args.batch_size_per_gpu = share
     if train:
         sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(), shuffle=True, seed=args.seed
@@ -276,13 +274,6 @@ def evaluate(
     return results
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    """Write JSON atomically (tmp file + rename), like the checkpoints, so a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def fit(
     model: nn.Module,
     task: Task,
@@ -388,7 +379,7 @@ def fit(
                 utils.save_checkpoint(checkpoint, output_dir / "checkpoint_best.pth")
             utils.save_checkpoint(checkpoint, output_dir / "checkpoint.pth")
             summary = {"main_metric": task.main_metric, "eval_split": eval_split, "best_selected_on": best_selected_on}
-            _write_json({**summary, "best": state["best"], "last": state["last"]}, output_dir / "metrics.json")
+            utils.write_json(output_dir / "metrics.json", {**summary, "best": state["best"], "last": state["last"]})
     tensorboard.close()
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total}")
@@ -434,7 +425,7 @@ def evaluate_checkpoint(
     metrics = evaluate(model, task, eval_loader, precision, args)
     result = {"checkpoint": str(path), "epoch": checkpoint.get("epoch"), "metrics": metrics}
     if utils.is_main_process():
-        _write_json(result, Path(args.output_dir) / "evaluate.json")
+        utils.write_json(Path(args.output_dir) / "evaluate.json", result)
     return result
 
 

@@ -102,7 +102,7 @@ def write_linear_json(result: dict, classes: list[str], output_dir: Path) -> Pat
         "best_per_class_acc": {c: 100 * a for c, a in zip(classes, best["metrics"]["per_class_acc"])},
     }
     path = output_dir / "linear.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    utils.write_json(path, summary)
     return path
 
 
@@ -110,7 +110,10 @@ def main(args: argparse.Namespace) -> dict:
     precision = engine.setup(args)
     check_args(args)
     train_set, eval_set, classes = build_datasets(args)
-    backbone, feat_dim = engine.build_backbone(args, in_chans=len(parse_bands(args.bands)))
+    bands = parse_bands(args.bands)
+    backbone, feat_dim = utils.load_backbone(
+        args.arch, args.patch_size, bands, args.pretrained_weights, args.checkpoint_key, args.adapt_input
+    )
     model = LinearProbe(backbone, feat_dim, len(classes), args.n_last_blocks, args.avgpool_patchtokens)
     model = model.to(args.device)
     print(f"Linear probe on {model.linear.in_features}-d features of a frozen {args.arch}, {len(classes)} classes")

@@ -164,13 +164,9 @@ def usage_lines(
 
 def main(args: argparse.Namespace) -> None:
     names, safetensors = check_args(args)
-    path = utils.resolve_weights_path(args.checkpoint)
+    path = utils.resolve_weights_path(args.checkpoint, flag="checkpoint")
     arch, patch_size, bands = backbone_spec(args, run_args(utils.load_weights_file(path)))
-    try:
-        model, _ = utils.build_backbone(arch, patch_size, len(bands))
-    except ValueError as err:
-        raise utils.ConfigError(str(err)) from None
-    utils.load_pretrained_weights(model, str(path), args.checkpoint_key)
+    model, _ = utils.load_backbone(arch, patch_size, bands, str(path), args.checkpoint_key)
     state_dict = model.state_dict()
 
     timm_name = None

@@ -171,7 +171,9 @@ def main(args: argparse.Namespace) -> dict:
     warnings.filterwarnings("ignore", message="No positive samples found in target")
     precision = engine.setup(args)
     train_set, eval_set, bands = build_datasets(args)
-    backbone, feat_dim = engine.build_backbone(args, in_chans=len(bands))
+    backbone, feat_dim = utils.load_backbone(
+        args.arch, args.patch_size, bands, args.pretrained_weights, args.checkpoint_key, args.adapt_input
+    )
     model = engine.Classifier(backbone, feat_dim, len(eval_set.class_names)).to(args.device)
     task = multilabel_task(torch.from_numpy(eval_set.targets), eval_set.class_names)
     eval_loader = engine.make_loader(eval_set, args, train=False)

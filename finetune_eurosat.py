@@ -22,7 +22,6 @@ from torchmetrics import classification as tmc
 
 import engine
 import utils
-from datasets import DataError
 from datasets import eurosat as eurosat_data
 from datasets.bands import parse_bands
 from datasets.transforms import eval_transform, train_transform
@@ -56,23 +55,17 @@ def add_eurosat_args(parser: argparse.ArgumentParser) -> None:
 def build_datasets(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, eurosat_data.EuroSAT, list[str]]:
     """Train (possibly a ``--train_frac`` subset) and evaluation datasets with their transforms, and the classes.
 
-    RGB JPEGs are uint8 and take ImageNet statistics; MS GeoTIFFs are raw L1C values and take EuroSAT's
-    own per-band statistics (``eurosat.normalize``), also when only B4,B3,B2 are read from them.
+    Normalised as every script normalises EuroSAT (``EuroSAT.input_normalization``).
     """
     if args.data_path is None or not Path(args.data_path).is_dir():
         raise utils.ConfigError(f"--data_path {args.data_path} is not a folder (expected a EuroSAT root)")
-    try:
+    with utils.config_errors():
         bands = parse_bands(args.bands)
         train = eurosat_data.EuroSAT(args.data_path, "train", bands, seed=args.seed)
         evaluation = eurosat_data.EuroSAT(args.data_path, args.eval_split, bands, seed=args.seed)
-    except DataError:
-        raise
-    except ValueError as err:
-        raise utils.ConfigError(str(err)) from None
-    normalize = (lambda image: eurosat_data.normalize(image, bands)) if train.multispectral else None
-    resize = round(args.input_size * 256 / 224)
+    normalize = train.input_normalization()
     train.transform = train_transform(bands, size=args.input_size, normalize=normalize)
-    evaluation.transform = eval_transform(bands, resize=resize, crop=args.input_size, normalize=normalize)
+    evaluation.transform = eval_transform(bands, crop=args.input_size, normalize=normalize)
 
     output_dir = Path(args.output_dir)
     if train.generated_split is not None and utils.is_main_process():
@@ -137,7 +130,10 @@ def from_published_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, 
 def main(args: argparse.Namespace) -> dict:
     precision = engine.setup(args)
     train_set, eval_set, classes = build_datasets(args)
-    backbone, feat_dim = engine.build_backbone(args, in_chans=len(parse_bands(args.bands)))
+    bands = parse_bands(args.bands)
+    backbone, feat_dim = utils.load_backbone(
+        args.arch, args.patch_size, bands, args.pretrained_weights, args.checkpoint_key, args.adapt_input
+    )
     model = engine.Classifier(backbone, feat_dim, len(classes)).to(args.device)
     task = classification_task(len(classes))
     eval_loader = engine.make_loader(eval_set, args, train=False)

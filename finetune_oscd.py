@@ -239,7 +239,9 @@ def save_change_maps(model: nn.Module, test: OSCD, args: argparse.Namespace, pre
 def main(args: argparse.Namespace) -> dict:
     precision = engine.setup(args)
     train_set, val_set, test_set, bands = build_datasets(args)
-    backbone, _ = engine.build_backbone(args, in_chans=len(bands))
+    backbone, _ = utils.load_backbone(
+        args.arch, args.patch_size, bands, args.pretrained_weights, args.checkpoint_key, args.adapt_input
+    )
     try:
         model = ChangeDetector(backbone, bands, freeze_encoder=not args.finetune_encoder).to(args.device)
     except ValueError as err:

@@ -59,16 +59,32 @@ MIN_FEATURE_DIMS = 1.2
 # of at least this many images, where healthy features have room to show several.
 MIN_BATCH_FOR_DIMS = 8
 
+# What usually helps against each regime, in order; the last two items are offered only when the run does not
+# already have them (:func:`advice`).
+NORM_LAST_LAYER = "--norm_last_layer true"
+FP32 = "--precision fp32 (DINO's --use_fp16 false)"
 ADVICE = {
-    "uniform": "a lower --teacher_temp (or a shorter --warmup_teacher_temp_epochs) sharpens the teacher; also "
-    "a higher --momentum_teacher, a lower --lr or a larger batch, --norm_last_layer true",
-    "one-prototype": "a higher --teacher_temp, a higher --momentum_teacher, a lower --lr or a larger batch, "
-    "--norm_last_layer true, and --precision fp32 (DINO's --use_fp16 false) if fp16 is on",
-    "features": "a lower --lr or a larger batch, a higher --momentum_teacher, --norm_last_layer true, "
-    "and --precision fp32 (DINO's --use_fp16 false) if fp16 is on",
-    "dimensional": "a lower --lr or a larger batch, a higher --momentum_teacher, a higher --teacher_temp (or a "
-    "longer --warmup_teacher_temp_epochs) so that the teacher spreads images over more prototypes, more epochs, "
-    "and --precision fp32 (DINO's --use_fp16 false) if fp16 is on",
+    "uniform": (
+        "a lower --teacher_temp (or a shorter --warmup_teacher_temp_epochs) to sharpen the teacher",
+        "a higher --momentum_teacher",
+        "a lower --lr or a larger batch",
+        NORM_LAST_LAYER,
+    ),
+    "one-prototype": (
+        "a higher --teacher_temp",
+        "a higher --momentum_teacher",
+        "a lower --lr or a larger batch",
+        NORM_LAST_LAYER,
+        FP32,
+    ),
+    "features": ("a lower --lr or a larger batch", "a higher --momentum_teacher", NORM_LAST_LAYER, FP32),
+    "dimensional": (
+        "a lower --lr or a larger batch",
+        "a higher --momentum_teacher",
+        "a higher --teacher_temp (or a longer --warmup_teacher_temp_epochs) to spread images over more prototypes",
+        "more epochs",
+        FP32,
+    ),
 }
 
 
@@ -149,8 +165,43 @@ def collapse_regime(stats: dict[str, float], out_dim: int, batch_size: int) -> s
     return None
 
 
-def collapse_warning(stats: dict[str, float], out_dim: int, epoch: int, batch_size: int) -> str | None:
-    """One warning line for an epoch whose signals are in a collapse regime (None for a healthy epoch)."""
+# DINO's recipes train with a total batch of 256 or more; below, its authors advise a slower teacher.
+SMALL_BATCH = 256
+SMALL_BATCH_MOMENTUM = 0.9995
+
+
+def small_batch_advice(total_batch: int, momentum_teacher: float, local_crops_number: int) -> str | None:
+    """One line of DINO's advice for a total batch under 256 (None from 256 on), without what is in effect."""
+    if total_batch >= SMALL_BATCH:
+        return None
+    items = []
+    if momentum_teacher < SMALL_BATCH_MOMENTUM:
+        items.append(f"a teacher momentum closer to 1 (e.g. --momentum_teacher {SMALL_BATCH_MOMENTUM})")
+    items.append("a learning rate tried around the scaled default (--lr is per 256 images)")
+    if local_crops_number < 10:
+        items.append("more local crops (--local_crops_number; in mc and tp with as many --size_crops)")
+    return (
+        f"note: the total batch is {total_batch} images, under the {SMALL_BATCH} of DINO's recipes; for small "
+        f"batches DINO advises {', '.join(items)}"
+    )
+
+
+def advice(regime: str, norm_last_layer: bool | None = None, precision: str | None = None) -> str:
+    """What usually helps against ``regime``, without the settings the run already has (None: unknown)."""
+    in_effect = {NORM_LAST_LAYER: norm_last_layer is True, FP32: precision not in (None, "fp16")}
+    return ", ".join(item for item in ADVICE[regime] if not in_effect.get(item, False))
+
+
+def collapse_warning(
+    stats: dict[str, float],
+    out_dim: int,
+    epoch: int,
+    batch_size: int,
+    norm_last_layer: bool | None = None,
+    precision: str | None = None,
+) -> str | None:
+    """One warning line for an epoch whose signals are in a collapse regime (None for a healthy epoch); its
+    advice leaves out what the run already does (``norm_last_layer``, ``precision``; None: not known)."""
     regime = collapse_regime(stats, out_dim, batch_size)
     if regime is None:
         return None
@@ -166,5 +217,5 @@ def collapse_warning(stats: dict[str, float], out_dim: int, epoch: int, batch_si
         f"batch entropy {stats['teacher_batch_entropy']:.2f}, ln(out_dim) {max_entropy:.2f}, feature spread "
         f"{stats['feature_std']:.3f}, feature dimensions {stats['feature_dims']:.2f}, "
         f"{int(stats['prototypes_used'])} of {out_dim} prototypes used). What usually "
-        f"helps: {ADVICE[regime]}. Training goes on."
+        f"helps: {advice(regime, norm_last_layer, precision)}. Training goes on."
     )

@@ -39,8 +39,8 @@ def cpu_has_native_bf16() -> bool:
     """Whether this x86 CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX).
 
     Why it matters: without them torch emulates bf16 through conversions to fp32, and a CPU training step
-    runs about 3x SLOWER than in fp32 (ViT-Tiny DINO-MC step: 5.7 s in bf16 against 1.7 s in fp32 on an
-    AVX-512 Xeon without bf16). Other CPUs (ARM, Apple) report False: fp32 is the safe choice there.
+    runs several times SLOWER than in fp32 (benchmarks/README.md). Other CPUs (ARM, Apple) report False: fp32
+    is the safe choice there.
     """
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
@@ -110,7 +110,7 @@ def resolve_precision(args: argparse.Namespace, device: str | torch.device, chec
         warn("--precision fp16 on a CPU is emulated and slower than fp32; it is meant for testing the GPU's fp16 path")
     if not on_cuda and precision == "bf16" and not cpu_has_native_bf16():
         warn(
-            "--precision bf16 on a CPU without native bf16 (no AVX512-BF16 / AMX) runs about 3x slower than fp32; "
+            "--precision bf16 on a CPU without native bf16 (no AVX512-BF16 / AMX) runs several times slower than fp32; "
             "use --precision fp32 (or auto)"
         )
     args.precision, args.use_fp16 = precision, precision == "fp16"

@@ -7,8 +7,8 @@ import hashlib
 import math
 import os
 import re
-import sys
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -19,22 +19,26 @@ import torch.distributed as dist
 import torch.hub
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
+from timm.models import adapt_input_conv as timm_adapt_input_conv
 
 import weight_formats
+from backbones import build_backbone
 from checkpoints import load_checkpoint_safely
-from cli import ConfigError, key_mismatch, one_line
+from cli import ConfigError, config_errors, key_mismatch, one_line
+from datasets.bands import RGB_BANDS, S2_L1C_BANDS
+from logs import Progress
 from runtime import is_dist_avail_and_initialized
 
 DEFAULT_CACHE_DIR = Path("~/.cache/dino_mc")
-
-
 DRIVE_ID_PATTERNS = (
     re.compile(r"drive\.google\.com/file/d/([\w-]+)"),
     re.compile(r"drive\.google\.com/.*[?&]id=([\w-]+)"),
 )
-
-
 BARE_DRIVE_ID = re.compile(r"[\w-]{25,}")
+MIB = 2**20
+# --adapt_input: the input bands, in order, of weights trained on other bands than the run's: the published
+# RGB checkpoints, and Sentinel-2 weights over the 13 L1C bands (torchgeo's SENTINEL2_ALL_* weights).
+INPUT_BANDS: dict[str, tuple[str, ...]] = {"rgb": RGB_BANDS, "s2": S2_L1C_BANDS}
 
 
 def add_pretrained_args(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +56,14 @@ def add_pretrained_args(parser: argparse.ArgumentParser) -> None:
         default="teacher",
         type=str,
         help="Entry of the checkpoint that holds the network: teacher (default, the evaluated one) or student.",
+    )
+    group.add_argument(
+        "--adapt_input",
+        default=None,
+        choices=sorted(INPUT_BANDS),
+        help="Weights trained on other bands than --bands: rgb (B4,B3,B2, the published checkpoints) or s2 (the "
+        "13 Sentinel-2 L1C bands, as torchgeo's); each band's filters are taken from its own, and a band the "
+        "weights lack gets timm's input-convolution adaptation of them. Default: the weights' bands are --bands.",
     )
 
 
@@ -72,7 +84,9 @@ def google_drive_id(spec: str) -> str | None:
     return None
 
 
-def _download_once(target: Path, download: Callable[[Path], None], source: str) -> Path:
+def _download_once(
+    target: Path, download: Callable[[Path], None], source: str, flag: str = "--pretrained_weights"
+) -> Path:
     """Fetch ``source`` into ``target`` unless it is cached; rank 0 of each node downloads, the others wait.
 
     The download goes to a partial file with a random name beside ``target`` and is renamed only when
@@ -87,7 +101,7 @@ def _download_once(target: Path, download: Callable[[Path], None], source: str) 
         try:
             _download_to(target, download, source)
         except Exception as err:  # network, HTTP, Drive and file-system errors: report them as one line
-            error = f"--pretrained_weights {source}: download failed: {one_line(err)}"
+            error = f"{flag} {source}: download failed: {one_line(err)}"
     if is_dist_avail_and_initialized():
         errors: list = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
@@ -95,7 +109,7 @@ def _download_once(target: Path, download: Callable[[Path], None], source: str) 
     if error is not None:
         raise ConfigError(error)
     if not target.is_file():
-        raise ConfigError(f"--pretrained_weights {source}: {target} is missing after the download")
+        raise ConfigError(f"{flag} {source}: {target} is missing after the download")
     return target
 
 
@@ -110,18 +124,33 @@ def _download_to(target: Path, download: Callable[[Path], None], source: str) ->
         partial.unlink(missing_ok=True)
 
 
-def resolve_weights_path(spec: str, cache: str | Path | None = None) -> Path:
+def _fetch_url(url: str, dst: Path) -> None:
+    """Stream ``url`` into ``dst`` in 1 MiB reads, with progress in MiB: a bar with an ETA on a terminal, a line
+    per tenth of the file in a log."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(dst, "wb") as f:
+        total = math.ceil(int(response.headers.get("Content-Length") or 0) / MIB)
+        progress = Progress(None, f"download {Path(urllib.parse.urlparse(url).path).name} (MiB)", total // 10, total)
+        written = 0
+        while chunk := response.read(MIB):
+            f.write(chunk)
+            before, written = written, written + len(chunk)
+            progress.update(math.ceil(written / MIB) - math.ceil(before / MIB))
+        progress.close()
+
+
+def resolve_weights_path(spec: str, cache: str | Path | None = None, flag: str = "--pretrained_weights") -> Path:
     """A local checkpoint file for ``spec``: a path (must exist: no fallback to other weights), an http(s) URL
-    or a Google Drive link / id (downloaded once into ``cache``, default :func:`cache_dir`)."""
+    or a Google Drive link / id (downloaded once into ``cache``, default :func:`cache_dir`). Errors name
+    ``flag``, what the user gave the spec as (a flag, or "weights" through the Python API)."""
     cache = Path(cache).expanduser() if cache is not None else cache_dir()
     if spec.startswith(("http://", "https://")) and "drive.google.com" not in spec:
         name = Path(urllib.parse.urlparse(spec).path).name or "checkpoint.pth"
         digest = hashlib.sha256(spec.encode()).hexdigest()[:8]  # two URLs ending in the same name stay apart
 
         def fetch(dst: Path) -> None:
-            torch.hub.download_url_to_file(spec, str(dst), progress=sys.stderr.isatty())
+            _fetch_url(spec, dst)
 
-        return _download_once(cache / f"{digest}-{name}", fetch, spec)
+        return _download_once(cache / f"{digest}-{name}", fetch, spec, flag)
     drive_id = google_drive_id(spec)
     if drive_id is not None:
 
@@ -130,10 +159,12 @@ def resolve_weights_path(spec: str, cache: str | Path | None = None) -> Path:
 
             download_file_from_google_drive(drive_id, str(dst.parent), filename=dst.name)
 
-        return _download_once(cache / f"gdrive-{drive_id}.pth", fetch, spec)
+        return _download_once(cache / f"gdrive-{drive_id}.pth", fetch, spec, flag)
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{flag} {spec} is a folder; expected a checkpoint file")
     if not path.is_file():
-        raise ConfigError(f"--pretrained_weights {spec} does not exist")
+        raise ConfigError(f"{flag} {spec} does not exist")
     return path
 
 
@@ -195,15 +226,87 @@ def _resample_pos_embed(model: nn.Module, state_dict: dict[str, torch.Tensor]) -
     )
 
 
+def adapt_input_conv(
+    state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], bands: list[str], adapt_input: str
+) -> None:
+    """Give the checkpoint's input convolution the model's ``bands`` (``--adapt_input``), in place.
+
+    A band the weights were trained on keeps its own filters, unchanged: RGB input in B4, B3, B2 with the other
+    bands at zero then gives exactly the RGB model's features. A band they lack gets the filters that
+    ``timm.models.adapt_input_conv`` gives it (the trained filters repeated over the bands, scaled by
+    trained / total bands, so that an input with every band alike keeps the activation's magnitude).
+    """
+    source = INPUT_BANDS[adapt_input]
+    stem = next(
+        (
+            key
+            for key, target in expected.items()
+            if target.ndim == 4
+            and key in state_dict
+            and state_dict[key].shape[1] == len(source)
+            and state_dict[key].shape[0] == target.shape[0]
+            and state_dict[key].shape[2:] == target.shape[2:]
+        ),
+        None,
+    )
+    if stem is None:
+        raise ConfigError(
+            f"--adapt_input {adapt_input}: the weights have no input convolution over {len(source)} bands "
+            f"({','.join(source)})"
+        )
+    weight = state_dict[stem]
+    if list(bands) == list(source):
+        return
+    adapted = timm_adapt_input_conv(len(bands), weight, base_chans=len(source)) if len(source) == 3 else None
+    columns = []
+    for i, band in enumerate(bands):
+        if band in source:
+            columns.append(weight[:, source.index(band)])
+        elif adapted is not None:
+            columns.append(adapted[:, i])
+        else:
+            raise ConfigError(f"--adapt_input {adapt_input}: the weights have no filters for band {band}")
+    state_dict[stem] = torch.stack(columns, dim=1)
+    kept = [b for b in bands if b in source]
+    print(
+        f"--adapt_input {adapt_input}: {stem} from {len(source)} to {len(bands)} bands: {','.join(kept) or 'none'} "
+        f"with their own filters, {len(bands) - len(kept)} others adapted as timm does"
+    )
+
+
+def load_backbone(
+    arch: str,
+    patch_size: int,
+    bands: list[str],
+    weights: str | None,
+    checkpoint_key: str = "teacher",
+    adapt_input: str | None = None,
+    drop_path_rate: float = 0.0,
+) -> tuple[nn.Module, int]:
+    """``arch`` for ``bands`` with ``weights`` loaded (:func:`load_pretrained_weights`): (model, feature size).
+
+    The one way a script gets a pretrained backbone, so that every script accepts the same checkpoints."""
+    with config_errors():
+        model, feat_dim = build_backbone(arch, patch_size, len(bands), drop_path_rate)
+    load_pretrained_weights(model, weights, checkpoint_key, bands=bands, adapt_input=adapt_input)
+    return model, feat_dim
+
+
 def load_pretrained_weights(
-    model: nn.Module, pretrained_weights: str | None, checkpoint_key: str = "teacher"
+    model: nn.Module,
+    pretrained_weights: str | None,
+    checkpoint_key: str = "teacher",
+    bands: list[str] | None = None,
+    adapt_input: str | None = None,
+    flag: str = "--pretrained_weights",
 ) -> nn.Module:
     """Load a backbone from any supported checkpoint into ``model`` (built by :func:`build_backbone`), strictly.
 
     Accepts this project's ``checkpoint.pth``, the published DINO-MC checkpoints and DINO's official bare
     state dicts (ViT or torchvision names). Missing and unexpected keys are printed; a missing or wrongly
     shaped backbone weight raises ConfigError, because evaluating half-random weights gives plausible but
-    meaningless numbers. ``"none"`` keeps the random initialisation on purpose (a baseline).
+    meaningless numbers. ``"none"`` keeps the random initialisation on purpose (a baseline). ``flag`` is what
+    the user gave the weights as, named in the errors (the Python API passes its own words).
     """
     if pretrained_weights is None:
         raise ConfigError(
@@ -213,12 +316,30 @@ def load_pretrained_weights(
     if pretrained_weights.lower() == "none":
         print("--pretrained_weights none: using randomly initialised weights")
         return model
-    path = resolve_weights_path(pretrained_weights)
-    state_dict = _strip_prefixes(_pick_state_dict(load_weights_file(path), checkpoint_key, path), model.state_dict())
+    path = resolve_weights_path(pretrained_weights, flag=flag)
+    state_dict = _pick_state_dict(load_weights_file(path), checkpoint_key, path)
+    load_backbone_state(model, state_dict, f"{flag} {pretrained_weights}", bands, adapt_input)
+    print(f"Pretrained weights found at {path} and loaded (key '{checkpoint_key}')")
+    return model
+
+
+def load_backbone_state(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str,
+    bands: list[str] | None = None,
+    adapt_input: str | None = None,
+) -> None:
+    """Load the backbone entries of ``state_dict`` (any supported naming) into ``model``, strictly.
+
+    ``source`` names the flag and value in the one-line ConfigError for weights that do not fit."""
+    state_dict = _strip_prefixes(state_dict, model.state_dict())
     state_dict = weight_formats.from_timm(state_dict, model.state_dict())  # timm names (torchgeo, HF hub)
     _resample_pos_embed(model, state_dict)
-
     expected = model.state_dict()
+    if adapt_input is not None:
+        adapt_input_conv(state_dict, expected, list(bands or RGB_BANDS), adapt_input)
+
     # BatchNorm's step counter is unused at evaluation and absent from some older torchvision-format releases.
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]
@@ -228,17 +349,50 @@ def load_pretrained_weights(
         if k in expected and v.shape != expected[k].shape
     ]
     if unexpected or missing:
-        print(f"Keys of {path} against the backbone: {key_mismatch(expected, state_dict)} (unexpected ones ignored)")
+        print(f"Keys of {source} against the backbone: {key_mismatch(expected, state_dict)} (unexpected ones ignored)")
     if missing or wrong_shape:
         problems = []
         if missing:
             problems.append(f"{len(missing)} backbone weights missing (first: {missing[0]})")
         if wrong_shape:
             problems.append(f"{len(wrong_shape)} with the wrong shape (first: {wrong_shape[0]})")
+        other_bands = any(
+            v.ndim == 4 and v.shape[1] != expected[k].shape[1] and v.shape[2:] == expected[k].shape[2:]
+            for k, v in state_dict.items()
+            if k in expected and v.shape != expected[k].shape
+        )
+        hint = "; weights trained on other bands load with --adapt_input rgb or s2" if other_bands else ""
         raise ConfigError(
-            f"--pretrained_weights {pretrained_weights} does not fit this backbone: {'; '.join(problems)}; "
-            "check --arch, --patch_size, --bands and --checkpoint_key"
+            f"{source} does not fit this backbone: {'; '.join(problems)}; "
+            f"check --arch, --patch_size, --bands and --checkpoint_key{hint}"
         )
     model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
-    print(f"Pretrained weights found at {path} and loaded ({len(expected)} tensors, key '{checkpoint_key}')")
-    return model
+
+
+def init_from_checkpoint(
+    spec: str, student: nn.Module, teacher: nn.Module, bands: list[str], adapt_input: str | None = None
+) -> None:
+    """``--init_from``: a new pretraining run starts from the weights of another (published or own) checkpoint.
+
+    ``student`` and ``teacher`` are multi-crop wrappers (``backbone`` + ``head``). From a pretraining checkpoint
+    each takes its own entry (the teacher's also for the student when the checkpoint has no student), the head
+    included when it has the same shapes; otherwise, and from a bare backbone (an exported or timm / torchgeo
+    state dict), both backbones get the weights and keep the fresh head they share. Only weights move: the
+    schedules, the optimizer and the epoch start afresh, unlike a resumed run.
+    """
+    path = resolve_weights_path(spec, flag="--init_from")
+    checkpoint = load_weights_file(path)
+    entries = checkpoint if isinstance(checkpoint, dict) else {}
+    for name, wrapper in (("student", student), ("teacher", teacher)):
+        key = name if isinstance(entries.get(name), dict) else "teacher"
+        state = _pick_state_dict(checkpoint, key, path)
+        load_backbone_state(wrapper.backbone, state, f"--init_from {spec}", bands, adapt_input)
+        stripped = {k.removeprefix("module."): v for k, v in state.items()}
+        head = {k.removeprefix("head."): v for k, v in stripped.items() if k.startswith("head.")}
+        expected = wrapper.head.state_dict()
+        same_head = set(head) == set(expected) and all(head[k].shape == v.shape for k, v in expected.items())
+        if same_head:
+            wrapper.head.load_state_dict(head)
+        print(f"--init_from {path}: {name} backbone from '{key}', {'head too' if same_head else 'fresh head'}")
+    if not same_head:  # the teacher starts as the student's copy, as in a run from scratch
+        teacher.head.load_state_dict(student.head.state_dict())

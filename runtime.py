@@ -45,9 +45,20 @@ PEER_LOST_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "
 
 
 def run_cli(description: str, get_args_parser, main, argv: list[str] | None = None) -> None:
-    """Every script's command-line entry: parse the flags and :func:`run_main`."""
-    parser = argparse.ArgumentParser(description, parents=[get_args_parser()])
+    """Every script's command-line entry: parse the flags (``--help`` shows each default) and :func:`run_main`."""
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description, parents=[get_args_parser()], formatter_class=formatter)
     run_main(main, parser.parse_args(argv))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a SLURM allocation, a container's limit)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers(preferred: int) -> int:
+    """A ``--num_workers`` default: ``preferred``, but never more than the CPUs this process may use."""
+    return min(preferred, usable_cpus())
 
 
 def run_main(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
@@ -252,8 +263,8 @@ def keep_freed_memory() -> bool:
 
     Why: a training step on a CPU allocates and frees the same large activation and gradient buffers every
     iteration (64 MB each for the 65536-prototype head). glibc serves large blocks with fresh ``mmap`` calls
-    and unmaps them on free, so every step page-faults all its buffers in again: about 34,000 page faults and
-    0.3 s of kernel time per ViT-Tiny DINO-MC step (batch 8). Serving every block from the heap and never
+    and unmaps them on free, so every step page-faults all its buffers in again, tens of thousands of faults
+    per step (tests/test_runtime.py counts them). Serving every block from the heap and never
     trimming it removes both; the peak memory is the same, it is simply kept. Returns False, changing nothing,
     where the C library is not glibc (macOS, musl).
     """

@@ -34,10 +34,9 @@ def dropout(p: float) -> nn.Module:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, heads, N, d) tensors.
 
-    Why two paths: on a CPU in bf16/fp16, PyTorch's fused (flash) attention kernel is two to three times slower
-    than the explicit matrix products for ViT sequence lengths (197 tokens: 8 ms against 24 ms forward and
-    backward for 16 x 3 heads), above all in the backward pass; everywhere else the fused kernel is the faster
-    one and never stores the (N, N) matrix.
+    Why two paths: on a CPU in bf16/fp16, PyTorch's fused (flash) attention kernel is slower than the explicit
+    matrix products for ViT sequence lengths, above all in the backward pass (benchmarks/README.md); everywhere
+    else the fused kernel is the faster one and never stores the (N, N) matrix.
     """
     if q.device.type != "cpu" or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
@@ -180,9 +179,9 @@ class PatchEmbed(nn.Module):
         """(B, C, H, W) -> (B, H // p * W // p, D): the convolution computed as one matrix product on the patches.
 
         Why: a convolution whose kernel equals its stride is a linear layer on non-overlapping patches, and the
-        matrix product is the faster of the two on a CPU (DINO-MC's seven crop sizes, batch 8, ViT-Tiny, 2 cores:
-        46 against 15 ms forward and backward in bf16, 35 against 27 ms in fp32). The weights stay the
-        convolution's, so checkpoints keep DINO's ``patch_embed.proj`` keys and shapes.
+        matrix product is the faster of the two on a CPU for DINO-MC's crop sizes, in bf16 and in fp32
+        (benchmarks/README.md). The weights stay the convolution's, so checkpoints keep DINO's
+        ``patch_embed.proj`` keys and shapes.
         """
         B, C, H, W = x.shape
         p = self.patch_size

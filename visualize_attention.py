@@ -27,10 +27,9 @@ from datasets import DataError
 from datasets.bands import RGB_BANDS, parse_bands
 from datasets.eurosat import MS_FILE_BANDS
 from datasets.eurosat import normalize as normalize_l1c
-from datasets.io import read_raster
+from datasets.io import GEOTIFF_EXTENSIONS, read_raster
 from datasets.transforms import Normalize
 
-GEOTIFF_EXTENSIONS = (".tif", ".tiff")
 PICTURE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
@@ -169,13 +168,11 @@ def save_pictures(maps: torch.Tensor, picture: np.ndarray, output_dir: Path) -> 
 
 def main(args: argparse.Namespace) -> None:
     check_args(args)
-    try:
-        model, _ = utils.build_backbone(args.arch, args.patch_size, len(args.band_list))
-    except ValueError as err:
-        raise utils.ConfigError(str(err)) from None
-    if not utils.is_vit(model):
+    if not utils.is_vit_arch(args.arch):
         raise utils.ConfigError(f"--arch {args.arch}: attention maps need a ViT (vit_tiny, vit_small, vit_base)")
-    utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key)
+    model, _ = utils.load_backbone(
+        args.arch, args.patch_size, args.band_list, args.pretrained_weights, args.checkpoint_key, args.adapt_input
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
 

@@ -63,6 +63,13 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
+def two_std_range(band: str, mean_std: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """The SeCo / DINO-MC stretch range of a band, [mean - 2 std, mean + 2 std], in the units of ``mean_std``
+    (raw L1C or L2A values, reflectance x 10000, for the EuroSAT and BigEarthNet statistics)."""
+    mean, std = mean_std[band]
+    return mean - 2 * std, mean + 2 * std
+
+
 def canonical_band(name: str) -> str:
     """Map ``B02`` / ``b2`` / ``B8a`` to the canonical ``B2`` / ``B8A``; raise ValueError for unknown names."""
     key = name.strip().upper()

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from datasets import DataError
-from datasets.bands import BIGEARTHNET_MEAN_STD, parse_bands
+from datasets.bands import BIGEARTHNET_MEAN_STD, parse_bands, two_std_range
 from datasets.io import read_band, stack_bands
 
 PATCH_SIZE = (120, 120)
@@ -180,8 +180,7 @@ def normalize_to_uint8(stack: np.ndarray, bands: list[str]) -> np.ndarray:
         raise ValueError(f"stack has {stack.shape[0]} bands but {len(bands)} band names were given")
     out = np.empty(stack.shape, dtype=np.uint8)
     for i, band in enumerate(bands):
-        mean, std = BIGEARTHNET_MEAN_STD[band]
-        low, high = mean - 2 * std, mean + 2 * std
+        low, high = two_std_range(band, BIGEARTHNET_MEAN_STD)
         scaled = (stack[i].astype(np.float64) - low) / (high - low) * 255.0
         out[i] = np.clip(scaled, 0, 255).astype(np.uint8)
     return out

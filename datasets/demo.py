@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import time
 from pathlib import Path
 
@@ -305,7 +304,7 @@ def write_seco_demo(
                 "cloudy_pixel_percentage": 0.0,
                 "synthetic": True,
             }
-            (folder / "metadata.json").write_text(json.dumps(metadata, indent=1))
+            utils.write_json(folder / "metadata.json", metadata)
     return root
 
 

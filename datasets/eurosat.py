@@ -30,6 +30,7 @@ float32 tensors (C, H, W) in the order of ``bands``, to be scaled with :func:`no
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from PIL import Image
 
 from datasets import DataError
 from datasets.bands import RGB_BANDS, canonical_band, parse_bands
-from datasets.io import read_raster
+from datasets.io import GEOTIFF_EXTENSIONS, read_raster
 
 RGB_SUBDIR = Path("2750")
 MS_SUBDIR = Path("ds/images/remote_sensing/otherDatasets/sentinel_2/tif")
@@ -47,7 +48,7 @@ SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 
 RGB_EXTENSIONS = (".jpg", ".jpeg", ".png")
-MS_EXTENSIONS = (".tif", ".tiff")
+
 
 # Band order inside the EuroSAT MS GeoTIFFs (canonical names). B8A comes last, after B12.
 MS_FILE_BANDS: tuple[str, ...] = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12", "B8A")
@@ -123,7 +124,7 @@ def _scan_class_folders(folder: Path) -> dict[str, list[str]]:
         return {}
     found = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(f.name for f in sub.iterdir() if f.suffix.lower() in RGB_EXTENSIONS + MS_EXTENSIONS)
+        files = sorted(f.name for f in sub.iterdir() if f.suffix.lower() in RGB_EXTENSIONS + GEOTIFF_EXTENSIONS)
         if files:
             found[sub.name] = files
     return found
@@ -189,7 +190,7 @@ class EuroSAT(torch.utils.data.Dataset):
             self._init_from_archive_folder(seed)
 
         extensions = {Path(path).suffix.lower() for path, _ in self.samples}
-        if extensions <= set(MS_EXTENSIONS):
+        if extensions <= set(GEOTIFF_EXTENSIONS):
             self.multispectral = True
         elif extensions <= set(RGB_EXTENSIONS):
             self.multispectral = False
@@ -243,6 +244,12 @@ class EuroSAT(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def input_normalization(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """How this copy's images are normalised for a network, the one choice every script makes: RGB JPEGs
+        are uint8 and take the transforms' ImageNet statistics (None), MS GeoTIFFs are raw L1C values and take
+        EuroSAT's own per-band statistics (:func:`normalize`), also when only B4, B3, B2 are read from them."""
+        return functools.partial(normalize, bands=list(self.bands)) if self.multispectral else None
 
     def load_image(self, path: str) -> torch.Tensor:
         """Read one image: uint8 (3, H, W) from a JPEG, or float32 (C, H, W) raw L1C values from an MS GeoTIFF."""

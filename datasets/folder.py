@@ -32,10 +32,9 @@ from torch.utils.data import Dataset
 
 from datasets import DataError
 from datasets.bands import S2_BANDS, S2_L1C_BANDS, is_rgb, parse_bands
-from datasets.io import read_raster
+from datasets.io import GEOTIFF_EXTENSIONS, read_raster
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-GEOTIFF_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff")
+IMAGE_EXTENSIONS: tuple[str, ...] = GEOTIFF_EXTENSIONS + (".png", ".jpg", ".jpeg")
 
 
 def is_image_file(name: str) -> bool:

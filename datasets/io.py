@@ -14,6 +14,8 @@ from rasterio.windows import Window
 
 from datasets import DataError
 
+GEOTIFF_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff")
+
 
 def read_raster(path: str | Path, indexes: list[int] | None = None, window: Window | None = None) -> np.ndarray:
     """Read a raster (all bands, or the 1-based ``indexes``; all pixels, or a ``window``) as a (C, H, W) array in

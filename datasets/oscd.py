@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 
 from datasets import DataError
-from datasets.bands import parse_bands
+from datasets.bands import parse_bands, two_std_range
 from datasets.eurosat import EUROSAT_MS_MEAN_STD
 from datasets.io import read_band, stack_bands
 
@@ -63,8 +63,7 @@ def band_stretch(band: str) -> tuple[float, float]:
     """Raw-value range (low, high) mapped to [0, 1]: SeCo's quantiles for RGB, else EuroSAT L1C mean +- 2 std."""
     if band in OSCD_RGB_STRETCH:
         return OSCD_RGB_STRETCH[band]
-    mean, std = EUROSAT_MS_MEAN_STD[band]
-    return mean - 2 * std, mean + 2 * std
+    return two_std_range(band, EUROSAT_MS_MEAN_STD)
 
 
 def normalize(stack: np.ndarray, bands: list[str]) -> np.ndarray:

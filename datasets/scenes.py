@@ -22,8 +22,8 @@ from rasterio.windows import Window
 import utils
 from datasets import DataError
 from datasets.acquisition import Acquisition
-from datasets.folder import GEOTIFF_EXTENSIONS, select_bands
-from datasets.io import read_raster
+from datasets.folder import select_bands
+from datasets.io import GEOTIFF_EXTENSIONS, read_raster
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:

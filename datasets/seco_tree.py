@@ -32,8 +32,8 @@ from pathlib import Path
 from datasets import DataError
 from datasets.acquisition import TEN_M_BANDS, Acquisition, native_grid
 from datasets.bands import canonical_band, is_rgb
-from datasets.folder import GEOTIFF_EXTENSIONS, is_image_file, read_image
-from datasets.io import read_band
+from datasets.folder import is_image_file, read_image
+from datasets.io import GEOTIFF_EXTENSIONS, read_band
 
 # SeCo acquisition ids: <sensing time>_<product time>_T<MGRS tile>, e.g. 20190803T154559_20190803T154611_T18QVG.
 _PREVIEW_NAME = re.compile(r"^\d{8}T\d{6}_\d{8}T\d{6}_T[0-9A-Z]{5}\.tiff?$", re.IGNORECASE)

@@ -131,7 +131,11 @@ def test_evaluate_checkpoint_reproduces_the_best_epoch_and_refuses_a_missing_fil
         engine.evaluate_checkpoint(model, toy_task(), evaluation, "fp32", args)
 
 
-def test_too_small_train_split_is_a_config_error(tmp_path):
-    args = make_args(tmp_path, batch_size_per_gpu=64)
-    with pytest.raises(utils.ConfigError, match="fewer than one batch"):
-        engine.make_loader(toy_data(), args, train=True)
+def test_train_split_smaller_than_a_batch_gets_its_size_as_the_batch_with_one_warning(tmp_path, capsys):
+    data = toy_data()
+    args = make_args(tmp_path, batch_size_per_gpu=len(data) + 10)
+    loader = engine.make_loader(data, args, train=True)
+    assert args.batch_size_per_gpu == len(data) and len(loader) == 1 and len(next(iter(loader))[0]) == len(data)
+    assert capsys.readouterr().err.count("warning: --batch_size_per_gpu") == 1
+    with pytest.raises(utils.ConfigError, match="fewer than one batch"):  # nothing to train on at all
+        engine.make_loader(torch.utils.data.Subset(data, []), args, train=True)

@@ -124,3 +124,30 @@ def test_dimensional_regime_needs_a_batch_that_can_show_two_dimensions():
     stats = {**HEALTHY, "feature_dims": 1.1}
     assert health.collapse_regime(stats, K, batch_size=health.MIN_BATCH_FOR_DIMS) == "dimensional"
     assert health.collapse_regime(stats, K, batch_size=4) is None
+
+
+@pytest.mark.parametrize("regime", sorted(health.ADVICE))
+def test_advice_leaves_out_what_the_run_already_does(regime):
+    everything = health.advice(regime, norm_last_layer=False, precision="fp16")
+    in_effect = health.advice(regime, norm_last_layer=True, precision="bf16")
+    for setting in (health.NORM_LAST_LAYER, health.FP32):
+        assert (setting in everything) == (setting in health.ADVICE[regime])
+        assert setting not in in_effect
+    assert in_effect and in_effect in everything.replace(f", {health.NORM_LAST_LAYER}", "").replace(
+        f", {health.FP32}", ""
+    )
+
+
+def test_collapse_warning_with_norm_last_layer_on_does_not_advise_it():
+    stats = {**HEALTHY, "teacher_entropy": 0.99 * math.log(K), "teacher_batch_entropy": 0.99 * math.log(K)}
+    warning = health.collapse_warning(stats, K, epoch=0, batch_size=16, norm_last_layer=True, precision="fp32")
+    assert warning is not None and "uniform collapse" in warning and "--norm_last_layer" not in warning
+    assert "--norm_last_layer true" in health.collapse_warning(stats, K, 0, 16, norm_last_layer=False)
+
+
+def test_small_batch_advice_once_under_256_without_settings_in_effect():
+    assert health.small_batch_advice(256, 0.996, 6) is None
+    note = health.small_batch_advice(32, 0.996, 6)
+    assert note.startswith("note: the total batch is 32 images") and "--momentum_teacher 0.9995" in note
+    assert "--momentum_teacher" not in health.small_batch_advice(32, 0.9995, 6)
+    assert "--local_crops_number" not in health.small_batch_advice(32, 0.996, 10)

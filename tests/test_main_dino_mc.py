@@ -217,7 +217,12 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(seco_root, tmp_path, monkeyp
     before = (tmp_path / "checkpoint.pth").read_bytes()
     # Restart for the second epoch with a loss that turns into NaN.
     original = main_dino_mc.DINOLoss.forward
-    monkeypatch.setattr(main_dino_mc.DINOLoss, "forward", lambda *a, **k: original(*a, **k) * float("nan"))
+
+    def nan_loss(*args, **kwargs):
+        loss, probs = original(*args, **kwargs)
+        return loss * float("nan"), probs
+
+    monkeypatch.setattr(main_dino_mc.DINOLoss, "forward", nan_loss)
     args = tiny_args(seco_root, tmp_path, "--local_crops_number", "2", "--epochs", "3")
     with pytest.raises(SystemExit) as exc:
         main_dino_mc.run(args)
@@ -298,3 +303,73 @@ def test_resume_in_another_precision_says_so_and_drops_the_scaler(seco_root, tmp
     assert f"{tmp_path / 'checkpoint.pth'} was trained in fp16: resuming in fp32, as asked\n" in out
     resumed = torch.load(tmp_path / "checkpoint.pth")
     assert resumed["epoch"] == 2 and "fp16_scaler" not in resumed and resumed["args"]["precision"] == "fp32"
+
+
+class Started(Exception):
+    """Raised by a stand-in for train_one_epoch once it has recorded the weights a run starts from."""
+
+
+@pytest.fixture(scope="module")
+def trained_run(seco_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained")
+    main_dino_mc.run(tiny_args(seco_root, out))
+    return out / "checkpoint.pth"
+
+
+def start_weights(monkeypatch, argv: list[str]) -> tuple[dict, dict, int]:
+    """The student's and teacher's weights (no DDP prefix) and the epoch a run starts training from."""
+    seen = {}
+
+    def record(student, teacher, *args, **kwargs):
+        seen.update(student=student.state_dict(), teacher=teacher.state_dict(), epoch=args[7])
+        raise Started
+
+    monkeypatch.setattr(main_dino_mc, "train_one_epoch", record)
+    with pytest.raises(Started):
+        main_dino_mc.run(argv)
+    return seen["student"], seen["teacher"], seen["epoch"]
+
+
+def test_init_from_starts_a_new_run_from_the_checkpoints_student_and_teacher(
+    seco_root, trained_run, tmp_path, monkeypatch
+):
+    checkpoint = torch.load(trained_run)
+    student, teacher, epoch = start_weights(
+        monkeypatch, tiny_args(seco_root, tmp_path, "--init_from", str(trained_run))
+    )
+    assert epoch == 0 and checkpoint["epoch"] == 1
+    for name, state in (("student", student), ("teacher", teacher)):
+        assert state.keys() == checkpoint[name].keys()
+        assert all(torch.equal(state[k], checkpoint[name][k]) for k in state), name
+    assert not torch.equal(student["head.mlp.0.weight"], teacher["head.mlp.0.weight"])  # each its own
+
+
+def test_init_from_with_another_head_keeps_the_backbones_and_a_fresh_shared_head(
+    seco_root, trained_run, tmp_path, monkeypatch
+):
+    checkpoint = torch.load(trained_run)
+    argv = tiny_args(seco_root, tmp_path, "--init_from", str(trained_run))
+    student, teacher, _ = start_weights(monkeypatch, argv + ["--out_dim", "128"])
+    for name, state in (("student", student), ("teacher", teacher)):
+        backbone = [k for k in state if k.startswith("backbone.")]
+        assert all(torch.equal(state[k], checkpoint[name][k]) for k in backbone), name
+    head = [k for k in student if k.startswith("head.")]
+    assert all(torch.equal(student[k], teacher[k]) for k in head)  # the teacher starts as the student's copy
+
+
+def test_init_from_rgb_weights_with_more_bands_and_with_another_arch(
+    seco_root, trained_run, tmp_path, monkeypatch, capsys
+):
+    rgb = torch.load(trained_run)["student"]["backbone.patch_embed.proj.weight"]
+    argv = tiny_args(seco_root, tmp_path / "ms", "--init_from", str(trained_run), "--bands", "B2,B8,B3,B4")
+    student, _, _ = start_weights(monkeypatch, argv + ["--adapt_input", "rgb"])
+    weight = student["backbone.patch_embed.proj.weight"]
+    assert [torch.equal(weight[:, i], rgb[:, j]) for i, j in ((0, 2), (2, 1), (3, 0))] == [True] * 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main_dino_mc.run(
+            tiny_args(seco_root, tmp_path / "small", "--init_from", str(trained_run), "--arch", "vit_small")
+        )
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: --init_from {trained_run} does not fit this backbone")

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from published_checkpoints import as_numpy1_pickle
 from timm.layers import resample_abs_pos_embed
 
 import utils
 import vision_transformer as vits
+from datasets.bands import S2_BANDS, S2_L1C_BANDS
 
 # numpy's own builders, under the installed numpy's module name (numpy._core on numpy 2)
 NUMPY_SCALAR, NUMPY_RECONSTRUCT = np.float64(0).__reduce__()[0], np.arange(1).__reduce__()[0]
@@ -330,3 +332,50 @@ def test_google_drive_download_goes_to_cache_once(tmp_path, monkeypatch):
     assert partial.startswith(f".gdrive-{DRIVE_ID}.pth.") and partial.endswith(".partial")
     assert utils.resolve_weights_path(DRIVE_ID) == tmp_path / f"gdrive-{DRIVE_ID}.pth"
     assert len(calls) == 1
+
+
+# ============================================================================================ other input bands
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny", "resnet18"])
+def test_rgb_weights_on_twelve_bands_give_the_rgb_features_for_rgb_input(tmp_path, arch, capsys):
+    """--adapt_input rgb: B4, B3, B2 keep the RGB filters, so an RGB image placed there (other bands at zero)
+    gives exactly the RGB model's features; the other bands get timm's adapted filters, not zeros."""
+    rgb = build(arch).eval()
+    torch.save({"teacher": rgb.state_dict()}, tmp_path / "rgb.pth")
+    bands = list(S2_BANDS)
+    model, _ = utils.load_backbone(arch, 16, bands, str(tmp_path / "rgb.pth"), adapt_input="rgb")
+    assert "--adapt_input rgb" in capsys.readouterr().out
+    image = torch.rand(2, 3, 64, 64)
+    multispectral = torch.zeros(2, len(bands), 64, 64)
+    for channel, band in enumerate(("B4", "B3", "B2")):
+        multispectral[:, bands.index(band)] = image[:, channel]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(multispectral), rgb(image), rtol=1e-5, atol=1e-5)
+    stem = "patch_embed.proj.weight" if arch.startswith("vit") else "conv1.weight"
+    weight = model.state_dict()[stem]
+    assert weight.shape[1] == 12 and weight[:, bands.index("B8")].abs().sum() > 0
+
+
+def test_rgb_weights_need_the_flag_and_rgb_bands_among_bands(tmp_path):
+    rgb = build("vit_tiny")
+    torch.save(rgb.state_dict(), tmp_path / "rgb.pth")
+    with pytest.raises(utils.ConfigError, match="--adapt_input rgb or s2"):
+        utils.load_backbone("vit_tiny", 16, ["B4", "B3", "B2", "B8"], str(tmp_path / "rgb.pth"))
+    with pytest.raises(utils.ConfigError, match="--adapt_input s2: the weights have no input convolution over 13"):
+        utils.load_backbone("vit_tiny", 16, ["B4", "B3", "B2", "B8"], str(tmp_path / "rgb.pth"), adapt_input="s2")
+
+
+def test_sentinel2_weights_in_torchgeo_format_load_with_b10_dropped(tmp_path):
+    """torchgeo's Sentinel-2 weights: a timm ViT over the 13 L1C bands (B10 included), timm key names. Our
+    12-band model takes each band's own filters; with B10 at zero both give the same features."""
+    torch.manual_seed(0)
+    timm_model = timm.create_model("vit_tiny_patch16_224", in_chans=13, num_classes=0).eval()
+    torch.save(timm_model.state_dict(), tmp_path / "s2.pth")
+    model, _ = utils.load_backbone("vit_tiny", 16, list(S2_BANDS), str(tmp_path / "s2.pth"), adapt_input="s2")
+    image = torch.rand(1, 12, 224, 224)
+    with_b10 = torch.zeros(1, 13, 224, 224)
+    for i, band in enumerate(S2_BANDS):
+        with_b10[:, S2_L1C_BANDS.index(band)] = image[:, i]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(image), timm_model(with_b10), rtol=1e-4, atol=1e-4)

@@ -60,12 +60,13 @@ def test_store_writing_and_demo_data_report_progress(tmp_path, capsys):
     assert [done for _, done, _ in progress_lines(capsys.readouterr().out)] == [1, 2, 3]
 
 
-def test_url_download_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch, http_root):  # noqa: F811
+def test_url_download_a_bar_on_a_terminal_and_lines_in_a_log(tmp_path, capsys, monkeypatch, http_root):  # noqa: F811
     served, base, _ = http_root
     (served / "a.pth").write_bytes(b"x" * 1000)
     (served / "b.pth").write_bytes(b"y" * 1000)
     utils.resolve_weights_path(f"{base}/a.pth", tmp_path / "cache")
-    assert "%|" not in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "%|" not in err and progress_lines(out) == [("download a.pth (MiB)", 1, 1)]  # a line in a log
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     utils.resolve_weights_path(f"{base}/b.pth", tmp_path / "cache")
     assert "100%|" in capsys.readouterr().err
