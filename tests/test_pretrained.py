@@ -21,6 +21,7 @@ import torch
 from published_checkpoints import as_numpy1_pickle
 from timm.layers import resample_abs_pos_embed
 
+import published
 import utils
 import vision_transformer as vits
 
@@ -285,7 +286,7 @@ def test_http_error_is_one_line_and_leaves_nothing(tmp_path, http_root):
     assert not list(cache.iterdir())
 
 
-DRIVE_ID = "18RqKqZYzigOjwbyNzLsys8bmwqxrNhyt"
+DRIVE_ID = published.BY_NAME["dino_mc_vits8"].drive_id
 
 
 @pytest.mark.parametrize(
