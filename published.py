@@ -2,7 +2,7 @@
 
 ``hubconf.py`` builds its torch.hub entries from it, ``export_weights.py`` takes its names in place of a
 checkpoint, the README's checkpoint table is checked against it (``tests/test_published.py``; ``python
-published.py`` prints that table) and the tests read their ids from it.
+published.py`` prints that table, ``python published.py NAME`` the Drive id) and the tests read their ids from it.
 
 All eight were pretrained on SeCo-100K (Sentinel-2, five seasons per location) in RGB: bands B4, B3, B2 as
 SeCo's uint8 previews. Their input: RGB scaled to [0, 1], then ImageNet's mean and std, at 224 px (Resize 256 +
@@ -14,6 +14,7 @@ This module imports nothing from the project, so anything may read it without lo
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,8 +104,8 @@ PUBLISHED: tuple[Published, ...] = (
 BY_NAME: dict[str, Published] = {entry.name: entry for entry in PUBLISHED}
 
 TABLE_HEADER = (
-    "| name | method | backbone | flags | EuroSAT k-NN | linear | fine-tuning |\n"
-    "| --- | --- | --- | --- | --- | --- | --- |"
+    "| name | method | backbone | flags | Google Drive id | EuroSAT k-NN | linear | fine-tuning |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
 
@@ -114,10 +115,25 @@ def markdown_table() -> str:
     for e in PUBLISHED:
         finetune = "-" if e.finetune is None else f"{e.finetune:.2f}"
         rows.append(
-            f"| `{e.name}` | {e.method} | {e.backbone} | `{e.flags}` | {e.knn:.2f} | {e.linear:.2f} | {finetune} |"
+            f"| `{e.name}` | {e.method} | {e.backbone} | `{e.flags}` | `{e.drive_id}` | {e.knn:.2f} | {e.linear:.2f} "
+            f"| {finetune} |"
         )
     return "\n".join(rows)
 
 
+def main(argv: list[str]) -> int:
+    """``python published.py``: the README's table; ``python published.py NAME``: NAME's Drive id, for
+    ``--pretrained_weights $(python published.py dino_mc_vits8)``."""
+    if not argv:
+        print(markdown_table())
+        return 0
+    unknown = [name for name in argv if name not in BY_NAME]
+    if unknown:
+        print(f"error: no published checkpoint {unknown[0]}; one of {', '.join(BY_NAME)}", file=sys.stderr)
+        return 2
+    print("\n".join(BY_NAME[name].drive_id for name in argv))
+    return 0
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    sys.exit(main(sys.argv[1:]))
