@@ -98,7 +98,7 @@ def test_timm_loads_the_export_and_gives_our_features(tmp_path, capsys, arch, pa
     )
     assert_same_features(teacher, model, bands)
 
-    # The other way (item 3): the timm model's own state_dict(), with a 1000-class classifier as timm's
+    # The other way: the timm model's own state_dict(), with a 1000-class classifier as timm's
     # releases have, through --pretrained_weights, gives the timm model's features.
     model.reset_classifier(1000)
     torch.save(model.state_dict(), tmp_path / "timm_own.pth")

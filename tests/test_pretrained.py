@@ -172,7 +172,7 @@ def test_missing_backbone_key_fails_naming_it(tmp_path):
 
 
 def test_wrong_shape_fails(tmp_path):
-    """A ViT-S/16 checkpoint into a ViT/8 (the seed README's mix-up) must not load."""
+    """A ViT-S/16 checkpoint into a ViT/8 (the published ViTs are ViT-S/8: an easy mix-up) must not load."""
     torch.save({"teacher": build("vit_tiny", 16).state_dict()}, tmp_path / "p16.pth")
     model = build("vit_tiny", 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
