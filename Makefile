@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-# The demo's pretraining recipe (README, "Is it learning?"): DINO-MC on a ViT-Tiny/16 at EuroSAT's own 64 px
+# The demo's pretraining recipe (docs/demo.md): DINO-MC on a ViT-Tiny/16 at EuroSAT's own 64 px
 # (global crops 64 px, two 32 px local crops) so that 320 steps fit in a few CPU minutes, 256 locations so that an
 # epoch is 16 steps, a batch-normalised projection head and a sharper teacher (temperature 0.02) so that the small
 # batch does not collapse the teacher, a higher learning rate (0.01 x 16 / 256) and a faster teacher EMA (0.99)

@@ -4,9 +4,9 @@
         --data_path /data/eurosat --output_dir runs/linear
     python eval_linear.py ... --evaluate          (re-evaluate output_dir/checkpoint_best.pth)
 
-DINO's protocol (README): ViT feature = CLS tokens of the last ``--n_last_blocks`` blocks concatenated
+DINO's protocol (docs/evaluation.md): ViT feature = CLS tokens of the last ``--n_last_blocks`` blocks concatenated
 (+ the average patch token of the last block with ``--avgpool_patchtokens``); CNN / Swin feature = the pooled
-feature of the backbone itself (no random projection; README: bugs fixed). Linear layer initialised normal
+feature of the backbone itself (no random projection; docs/differences.md). Linear layer initialised normal
 std 0.01, bias 0; SGD momentum 0.9, weight decay 0, lr 0.001 x batch / 256, cosine to 0, 100 epochs, batch
 32 per GPU; train RandomResizedCrop 224 + flip, evaluation Resize 256 + CenterCrop 224.
 

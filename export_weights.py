@@ -3,12 +3,13 @@
     python export_weights.py runs/mc/checkpoint.pth vits8.pth                        # this repo's / DINO's format
     python export_weights.py runs/mc/checkpoint.pth vits8_timm.pth --format timm     # timm's names
     python export_weights.py runs/mc/checkpoint.pth vits8.safetensors --format timm safetensors
-    python export_weights.py 18RqKqZYzigOjwbyNzLsys8bmwqxrNhyt dino_mc_vits8_timm.pth --format timm
+    python export_weights.py dino_mc_vits8 dino_mc_vits8_timm.pth --format timm           # a published one
 
-CHECKPOINT is anything ``--pretrained_weights`` takes (this project's ``checkpoint.pth``, a published
-DINO-MC checkpoint, DINO's backbone-only release, a timm state dict; a path, an http(s) URL or a Google
-Drive link / id). It is loaded into the backbone strictly, exactly as the evaluation scripts load it, and the
-backbone's weights are written:
+CHECKPOINT is the name of a published checkpoint (``published.py``: ``dino_mc_vits8``, ``dino_tp_swin_t``,
+...; its Drive id, architecture and bands come from that table) or anything ``--pretrained_weights`` takes
+(this project's ``checkpoint.pth``, a published DINO-MC checkpoint, DINO's backbone-only release, a timm state
+dict; a path, an http(s) URL or a Google Drive link / id). It is loaded into the backbone strictly, exactly as
+the evaluation scripts load it, and the backbone's weights are written:
 
 - ``--format dino`` (default): keys without prefixes and without the projection head, a plain state dict
   (``torch.load(path, weights_only=True)``); this repo's ``--pretrained_weights`` and DINO's loaders read it;
@@ -18,7 +19,8 @@ backbone's weights are written:
 - add ``safetensors`` (``--format timm safetensors`` or ``--format dino safetensors``) for a ``.safetensors``
   file instead of torch's pickle format.
 
-The architecture comes from the checkpoint's ``args`` (arch, patch_size, bands); a checkpoint without them
+The architecture comes from the published table for a published name, else from the checkpoint's ``args``
+(arch, patch_size, bands); ``--arch`` / ``--patch_size`` / ``--bands`` override either. A checkpoint without them
 (DINO's releases, a bare state dict) needs ``--arch`` / ``--patch_size`` / ``--bands``. The output is written
 atomically and never overwrites an existing file. At the end the script prints the lines that load the file
 in timm, in torchgeo and in this repo.
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+import published
 import utils
 import weight_formats
 from datasets.bands import parse_bands
@@ -42,7 +45,12 @@ SAFETENSORS_SUFFIX = ".safetensors"  # how timm (and safetensors' users) tell th
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Export a backbone for timm / torchgeo / DINO", add_help=False)
-    parser.add_argument("checkpoint", type=str, help="Checkpoint: a path, an http(s) URL or a Google Drive link / id.")
+    parser.add_argument(
+        "checkpoint",
+        type=str,
+        help="Checkpoint: a published name (published.py, e.g. dino_mc_vits8), a path, an http(s) URL or a Google "
+        "Drive link / id.",
+    )
     parser.add_argument("output", type=str, help="File to write (.pth, or .safetensors with 'safetensors').")
     parser.add_argument(
         "--format",
@@ -162,10 +170,20 @@ def usage_lines(
     return lines
 
 
+def checkpoint_source(spec: str) -> tuple[str, dict[str, Any]]:
+    """(what ``--pretrained_weights`` takes, the architecture the published table knows for it): a published
+    name becomes its Drive id and its table entry's arch / patch size / bands; anything else stays as it is."""
+    entry = published.BY_NAME.get(spec)
+    if entry is None:
+        return spec, {}
+    return entry.drive_id, {"arch": entry.arch, "patch_size": entry.patch_size, "bands": ",".join(entry.bands)}
+
+
 def main(args: argparse.Namespace) -> None:
     names, safetensors = check_args(args)
-    path = utils.resolve_weights_path(args.checkpoint, flag="checkpoint")
-    arch, patch_size, bands = backbone_spec(args, run_args(utils.load_weights_file(path)))
+    source, known = checkpoint_source(args.checkpoint)
+    path = utils.resolve_weights_path(source, flag="checkpoint")
+    arch, patch_size, bands = backbone_spec(args, run_args(utils.load_weights_file(path)) | known)
     model, _ = utils.load_backbone(arch, patch_size, bands, str(path), args.checkpoint_key)
     state_dict = model.state_dict()
 

@@ -3,15 +3,15 @@
     python finetune_bigearthnet.py --arch resnet50 --pretrained_weights CKPT --data_path /data/BigEarthNet-v1.0 \
         --split_dir /data/splits --train_frac 0.1 --output_dir runs/ben10
 
-Protocol (README): the whole network + a 19-way linear head (``--num_classes 43``: the original CORINE
+Protocol (docs/evaluation.md): the whole network + a 19-way linear head (``--num_classes 43``: the original CORINE
 nomenclature); MultiLabelSoftMarginLoss; RGB by default (``--bands`` for others), patches resized to 224 bicubic;
 ``--train_frac 0.1`` for the 10 % setting, drawn without replacement from the train split only, seeded, the
-chosen patches saved to ``output_dir/train_patches.txt`` (README: bugs fixed). SGD momentum 0.9, weight decay 2e-5,
+chosen patches saved to ``output_dir/train_patches.txt`` (docs/differences.md). SGD momentum 0.9, weight decay 2e-5,
 cosine to 0, 100 epochs, batch 32 as the published main_bigearthnet.py; lr 0.001 x batch / 256 instead of its
 1e-5 (which cannot fine-tune; the paper's value is not stated). Training adds flips and normalises the input;
-``--flips false --normalize false`` gives the published Resize + ToTensor input (README "Downstream protocols").
+``--flips false --normalize false`` gives the published Resize + ToTensor input (docs/evaluation.md).
 
-Metrics (torchmetrics MultilabelAveragePrecision over every patch of the split, README: bugs fixed): mAP micro
+Metrics (torchmetrics MultilabelAveragePrecision over every patch of the split, docs/differences.md): mAP micro
 (the DINO-MC number), mAP macro and the AP of every class. A class with no positive patch in the split has no
 defined AP (torchmetrics would count it as 0): macro averages the classes that occur, and metrics.json lists
 the others. With no split list and no ``--split_dir``, every patch found is used for training AND evaluation, and

@@ -4,7 +4,7 @@
         --data_path /data/eurosat --output_dir runs/eurosat_ft
     python finetune_eurosat.py --arch resnet50 --bands ALL --pretrained_weights CKPT --data_path /data/EuroSATallBands
 
-Protocol (README): the whole network is trained, SGD momentum 0.9, lr 0.001 x batch / 256 with a
+Protocol (docs/evaluation.md): the whole network is trained, SGD momentum 0.9, lr 0.001 x batch / 256 with a
 cosine schedule to 0, 100 epochs, train RandomResizedCrop 224 + flip, evaluation Resize 256 + CenterCrop 224.
 Reports accuracy, macro precision / recall / F1, per-class accuracy and the confusion matrix (also as a PNG)
 of the last and the best epoch in ``output_dir/metrics.json``.

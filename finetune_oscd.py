@@ -2,11 +2,11 @@
 
     python finetune_oscd.py --arch resnet50 --pretrained_weights CKPT --data_path /data/OSCD --output_dir runs/oscd
 
-Protocol (README): 96x96 tiles (edge tiles zero-padded), random flips and 90-degree rotations; the
+Protocol (docs/evaluation.md): 96x96 tiles (edge tiles zero-padded), random flips and 90-degree rotations; the
 encoder is frozen unless ``--finetune_encoder``; BCEWithLogits; Adam lr 0.003 (not scaled with the batch),
 weight decay 1e-4, ExponentialLR 0.95 per epoch, 50 epochs, batch 32, seed 42. Precision, recall, F1 and IoU
 of the change class at probability 0.5 are counted over ALL valid test pixels (padding excluded), not
-averaged per batch (README: bugs fixed). The result is the LAST epoch's test metrics: the published script kept
+averaged per batch (docs/differences.md). The result is the LAST epoch's test metrics: the published script kept
 the epoch with the best test F1, an optimistic number. ``checkpoint_best.pth`` is picked on ``--val_cities``
 (train cities held out of training; default none: "best" is then the last epoch), or on the test cities with
 ``--select_on_test true`` (the published selection, for comparison); ``metrics.json`` says which

@@ -50,7 +50,7 @@ STEP_METRICS = ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl"
 # participation ratio is under 1.2 put over 83 % of their variance along one direction (the ratio is
 # 1 / sum(p_i^2) <= 1 / p_1 for variance fractions p_i), i.e. they order the images along a line (brightness,
 # say) whatever their spread. The bar is that low because small ViTs start low: a random ViT-Tiny's features
-# measure about 1.9, and demo runs whose k-NN gains 7-13 points over it stay at 1.4-1.8 (README).
+# measure about 1.9, and demo runs whose k-NN gains 7-13 points over it stay at 1.4-1.8 (docs/demo.md).
 UNIFORM_ENTROPY_FRACTION = 0.9
 ONE_PROTOTYPE_ENTROPY_FRACTION = 0.1
 MIN_FEATURE_SPREAD = 0.05

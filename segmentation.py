@@ -2,7 +2,7 @@
 
 Both dates go through the same encoder; at every level the features are fused by their absolute difference
 |f1 - f2|, so anything identical on both dates cancels and the decoder sees only what changed. The decoder is
-the published one (``main_oscd.py``'s U-Net, README), layer for layer and under its parameter names, so
+the published one (``main_oscd.py``'s U-Net, docs/evaluation.md), layer for layer and under its parameter names, so
 its Lightning checkpoints load (:func:`from_published_state_dict`). Decoder step i, from the deepest level:
 nearest x2 upsampling, ``shrink{i}`` (conv3x3 from level i+1's channels to level i's, with bias), concatenation
 of level i's skip, ``shrink2{i}`` (conv3x3, no bias), ``batchnorm{i}``, ReLU, Dropout2d(0.3); then a nearest

@@ -2,7 +2,7 @@
 BigEarthNet split lists under every published naming.
 
 Neither dataset can be downloaded on the build machines, so the readers are tested on fixtures that follow
-the real archives file for file (README "Data preparation", docs/data.md): GeoTIFFs written with rasterio
+the real archives file for file (docs/data.md): GeoTIFFs written with rasterio
 (georeferenced, uint16 Sentinel-2 L1C values around the real band means), JPEG/PNG with PIL.
 """
 

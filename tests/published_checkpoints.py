@@ -1,4 +1,4 @@
-"""Files and models in the formats of the published DINO-MC scripts, for tests (README).
+"""Files and models in the formats of the published DINO-MC scripts, for tests (docs/evaluation.md).
 
 - :func:`as_numpy1_pickle`: a torch.save file rewritten so its pickle names numpy's builders as numpy 1.x did,
   as in the released files;
@@ -109,7 +109,7 @@ class OutConv(nn.Module):
 
 
 class PublishedUNet(nn.Module):
-    """The published decoder (README): per step nearest x2, shrink{i}, cat the |f1 - f2| skip (x4 if its
+    """The published decoder (docs/evaluation.md): per step nearest x2, shrink{i}, cat the |f1 - f2| skip (x4 if its
     size differs), shrink2{i}, batchnorm{i}, ReLU, Dropout2d(0.3); nearest x2 and outc at the end."""
 
     def __init__(self, backbone: nn.Module, channels: list[int]):

@@ -1,5 +1,5 @@
-"""Issue-13 behaviour of the downstream scripts: data as other tools leave it, empty splits, on which split "best"
-is chosen (metrics.json), and the documented flag sets that reproduce the published scripts' settings."""
+"""The downstream scripts on data as other tools leave it, on empty splits, on which split "best" is chosen
+(metrics.json), and the documented flag sets that reproduce the published scripts' settings (docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -220,8 +220,8 @@ def test_oscd_bad_selection_flags_are_one_line_exit_2(tmp_path, capsys, flags, e
     assert expected in expect_exit_2(finetune_oscd.run, argv, capsys)
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-# The published scripts' settings (README) that each documented flag set must give, in README order.
+EVALUATION_DOC = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
+# The published scripts' settings (docs/evaluation.md) that each documented flag set must give, in its order.
 PUBLISHED = [
     (eval_knn, {"nb_knn": [5, 10, 15, 20], "temperature": 0.07, "resize_size": 256, "crop_size": 224}),
     (eval_linear, {"lr": 0.001, "epochs": 100, "batch_size_per_gpu": 32, "n_last_blocks": 4}),
@@ -239,9 +239,10 @@ PUBLISHED = [
 ]
 
 
-def test_readme_published_flag_sets_give_the_published_settings():
-    """Each "Published settings:" flag set of the README's protocol tables exists and yields the published values."""
-    documented = re.findall(r"Published settings: [^`]*`([^`]*)`", README.read_text())
+def test_documented_published_flag_sets_give_the_published_settings():
+    """Each "Published settings:" flag set of docs/evaluation.md's protocol tables exists and yields the published
+    values."""
+    documented = re.findall(r"Published settings: [^`]*`([^`]*)`", EVALUATION_DOC.read_text())
     assert len(documented) == len(PUBLISHED)
     for flags, (script, expected) in zip(documented, PUBLISHED):
         parser = argparse.ArgumentParser(parents=[script.get_args_parser()])

@@ -17,6 +17,7 @@ import timm
 import torch
 
 import export_weights
+import published
 import utils
 import vision_transformer as vits
 import weight_formats
@@ -97,7 +98,7 @@ def test_timm_loads_the_export_and_gives_our_features(tmp_path, capsys, arch, pa
     )
     assert_same_features(teacher, model, bands)
 
-    # The other way (item 3): the timm model's own state_dict(), with a 1000-class classifier as timm's
+    # The other way: the timm model's own state_dict(), with a 1000-class classifier as timm's
     # releases have, through --pretrained_weights, gives the timm model's features.
     model.reset_classifier(1000)
     torch.save(model.state_dict(), tmp_path / "timm_own.pth")
@@ -183,6 +184,27 @@ def test_bare_state_dict_needs_the_arch(tmp_path, capsys):
     assert set(torch.load(tmp_path / "out.pth", weights_only=True)) == set(
         timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict()
     )
+
+
+def test_published_name_takes_its_drive_id_and_arch_from_the_table(tmp_path, capsys, monkeypatch):
+    """``export_weights.py dino_mc_vits8 OUT --format timm`` (the docstring's example): the table's Drive id is
+    what gets fetched (here already in the download cache, so no network), and its arch, patch size and bands
+    build the backbone of a checkpoint that stores no args."""
+    entry = published.BY_NAME["dino_mc_vits8"]
+    teacher, dim = random_backbone(entry.arch, entry.patch_size, ",".join(entry.bands), seed=4)
+    head = vits.DINOHead(dim, 8, hidden_dim=16, bottleneck_dim=8)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    torch.save({"teacher": utils.MultiCropWrapper(teacher, head).state_dict()}, cache / f"gdrive-{entry.drive_id}.pth")
+    monkeypatch.setenv("DINO_MC_CACHE", str(cache))
+
+    output = tmp_path / "dino_mc_vits8_timm.pth"
+    export_weights.run([entry.name, str(output), "--format", "timm"])
+    assert 'timm.create_model("vit_small_patch8_224", num_classes=0, in_chans=3' in capsys.readouterr().out
+    model = timm.create_model(
+        "vit_small_patch8_224", num_classes=0, pretrained=True, pretrained_cfg_overlay=dict(file=str(output))
+    )
+    assert_same_features(teacher, model, "RGB")
 
 
 def test_timm_model_name_of_every_arch():

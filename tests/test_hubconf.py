@@ -14,30 +14,26 @@ import pytest
 import torch
 
 import hubconf
+import published
 import utils
 import vision_transformer as vits
 from tests.conftest import REPO
 from tests.test_pretrained import http_root  # noqa: F401 (a local http.server fixture)
 
 # entry -> feature size of the backbone
-ENTRIES = {
-    "dino_mc_vits8": 384,
-    "dino_mc_resnet50": 2048,
-    "dino_mc_wrn50_2": 2048,
-    "dino_mc_swin_t": 768,
-    "dino_tp_vits8": 384,
-    "dino_tp_resnet50": 2048,
-    "dino_tp_wrn50_2": 2048,
-    "dino_tp_swin_t": 768,
-}
-TP_VITS8_ID = "1BIRR56wCwTDlB4_eQTA0DpYYPHACHfxN"
+ENTRIES = {entry.name: entry.feature_dim for entry in published.PUBLISHED}
+TP_VITS8_ID = published.BY_NAME["dino_tp_vits8"].drive_id
 
 
 def test_every_published_model_has_an_entry():
     """What torch.hub.list shows (its rule: the public callables of hubconf), each with its EuroSAT numbers."""
     entries = [name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")]
-    assert sorted(entries) == sorted(ENTRIES)
-    assert all("EuroSAT: k-NN" in getattr(hubconf, name).__doc__ for name in entries)
+    assert sorted(entries) == sorted(ENTRIES) and len(ENTRIES) == 8
+    for name in entries:
+        entry = published.BY_NAME[name]
+        assert getattr(hubconf, name).__name__ == name
+        assert f"EuroSAT: k-NN {entry.knn:.2f}, linear {entry.linear:.2f}" in getattr(hubconf, name).__doc__
+        assert entry.drive_id in getattr(hubconf, name).__doc__
 
 
 @pytest.mark.parametrize("name", ENTRIES)

@@ -22,6 +22,7 @@ import torch
 from published_checkpoints import as_numpy1_pickle
 from timm.layers import resample_abs_pos_embed
 
+import published
 import utils
 import vision_transformer as vits
 from datasets.bands import S2_BANDS, S2_L1C_BANDS
@@ -173,7 +174,7 @@ def test_missing_backbone_key_fails_naming_it(tmp_path):
 
 
 def test_wrong_shape_fails(tmp_path):
-    """A ViT-S/16 checkpoint into a ViT/8 (the seed README's mix-up) must not load."""
+    """A ViT-S/16 checkpoint into a ViT/8 (the published ViTs are ViT-S/8: an easy mix-up) must not load."""
     torch.save({"teacher": build("vit_tiny", 16).state_dict()}, tmp_path / "p16.pth")
     model = build("vit_tiny", 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -287,7 +288,7 @@ def test_http_error_is_one_line_and_leaves_nothing(tmp_path, http_root):
     assert not list(cache.iterdir())
 
 
-DRIVE_ID = "18RqKqZYzigOjwbyNzLsys8bmwqxrNhyt"
+DRIVE_ID = published.BY_NAME["dino_mc_vits8"].drive_id
 
 
 @pytest.mark.parametrize(
