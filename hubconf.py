@@ -29,8 +29,8 @@ def _load(entry: published.Published, pretrained: bool = True, **kwargs) -> nn.M
     """The backbone, with the published checkpoint's ``checkpoint_key`` entry (teacher by default) loaded."""
     checkpoint_key = kwargs.pop("checkpoint_key", "teacher")
     model, _ = utils.build_backbone(entry.arch, entry.patch_size, **kwargs)
-    if pretrained:
-        utils.load_pretrained_weights(model, entry.drive_id, checkpoint_key)
+    if pretrained:  # errors name the published checkpoint, not a command-line flag
+        utils.load_pretrained_weights(model, entry.drive_id, checkpoint_key, flag=f"published checkpoint {entry.name}")
     return model
 
 

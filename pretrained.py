@@ -21,6 +21,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv as timm_adapt_input_conv
 
+import published
 import weight_formats
 from backbones import build_backbone
 from checkpoints import load_checkpoint_safely
@@ -143,6 +144,8 @@ def resolve_weights_path(spec: str, cache: str | Path | None = None, flag: str =
     or a Google Drive link / id (downloaded once into ``cache``, default :func:`cache_dir`). Errors name
     ``flag``, what the user gave the spec as (a flag, or "weights" through the Python API)."""
     cache = Path(cache).expanduser() if cache is not None else cache_dir()
+    if spec in published.BY_NAME:  # a published checkpoint by its name (python published.py lists them)
+        spec = published.BY_NAME[spec].drive_id
     if spec.startswith(("http://", "https://")) and "drive.google.com" not in spec:
         name = Path(urllib.parse.urlparse(spec).path).name or "checkpoint.pth"
         digest = hashlib.sha256(spec.encode()).hexdigest()[:8]  # two URLs ending in the same name stay apart

@@ -9,7 +9,7 @@ SeCo's uint8 previews. Their input: RGB scaled to [0, 1], then ImageNet's mean a
 CenterCrop 224, as in the evaluations). The EuroSAT numbers are the published ones (top-1 %, k-NN / linear probe
 / full fine-tuning); DINO-TP has no published fine-tuning number.
 
-This module imports nothing from the project, so anything may read it without loading torch.
+This module imports only ``datasets.bands`` (plain constants), so anything may read it without loading torch.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-RGB = ("B4", "B3", "B2")
+from datasets.bands import IMAGENET_MEAN, IMAGENET_STD
+from datasets.bands import RGB_BANDS as RGB
 
 
 @dataclass(frozen=True)

@@ -102,3 +102,13 @@ def test_pretrained_with_other_bands_is_one_clear_error(tmp_path, monkeypatch, d
     monkeypatch.setenv("DINO_MC_CACHE", str(tmp_path / "cache"))
     with pytest.raises(utils.ConfigError, match="does not fit this backbone: .*wrong shape"):
         hubconf.dino_tp_vits8(in_chans=12)
+
+
+def test_offline_download_error_names_the_checkpoint_not_a_command_line_flag(tmp_path, monkeypatch, drive_served):
+    """Nothing served under the id (as offline): the error is the Python API's own words, one line."""
+    monkeypatch.setenv("DINO_MC_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(utils.ConfigError) as caught:
+        hubconf.dino_tp_vits8()
+    message = str(caught.value)
+    assert message.startswith(f"published checkpoint dino_tp_vits8 {TP_VITS8_ID}: download failed")
+    assert "--" not in message.split(": download failed")[0] and "\n" not in message

@@ -313,6 +313,9 @@ class Started(Exception):
 def trained_run(seco_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained")
     main_dino_mc.run(tiny_args(seco_root, out))
+    checkpoint = torch.load(out / "checkpoint.pth")  # one step at warm-up's lr 0: make student and teacher differ
+    checkpoint["student"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in checkpoint["student"].items()}
+    torch.save(checkpoint, out / "checkpoint.pth")
     return out / "checkpoint.pth"
 
 
@@ -341,7 +344,6 @@ def test_init_from_starts_a_new_run_from_the_checkpoints_student_and_teacher(
     for name, state in (("student", student), ("teacher", teacher)):
         assert state.keys() == checkpoint[name].keys()
         assert all(torch.equal(state[k], checkpoint[name][k]) for k in state), name
-    assert not torch.equal(student["head.mlp.0.weight"], teacher["head.mlp.0.weight"])  # each its own
 
 
 def test_init_from_with_another_head_keeps_the_backbones_and_a_fresh_shared_head(
