@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from downstream_fixtures import write_eurosat_rgb
 
 import utils
 from benchmarks import data_pipeline, health_overhead, learning_curve, matmul_rate, seco_store, train_step
 from datasets.demo import write_seco_demo
+from tests.downstream_fixtures import write_eurosat_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STEP = ["--arch", "vit_tiny", "--patch_size", "16", "--batch_size_per_gpu", "2", "--out_dim", "256"]

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from downstream_fixtures import write_eurosat_rgb
 
 import eval_knn
 import main_dino_mc
@@ -15,6 +14,7 @@ import utils
 from datasets.demo import write_seco_demo
 from datasets.eurosat import EuroSAT
 from datasets.transforms import eval_transform
+from tests.downstream_fixtures import write_eurosat_rgb
 
 HEALTH_KEYS = {f"train_{k}" for k in ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl")}
 HEALTH_KEYS |= {"train_feature_std", "train_feature_dims", "train_prototypes_used", "train_momentum"}
