@@ -129,6 +129,17 @@ HEALTHY = {
 }
 
 
+# What each regime's advice must say, and what it must not: the teacher temperature goes down against a flat
+# teacher and up against one that puts every image on the same prototypes or spreads them too little; it has no
+# bearing on a backbone that maps everything to one point.
+ADVICE_SAYS = {
+    "uniform": (["a lower --teacher_temp", "a shorter --warmup_teacher_temp_epochs"], ["a higher --teacher_temp"]),
+    "one-prototype": (["a higher --teacher_temp", "--precision fp32"], ["a lower --teacher_temp"]),
+    "features": (["a lower --lr", "--precision fp32"], ["--teacher_temp"]),
+    "dimensional": (["a higher --teacher_temp", "a longer --warmup_teacher_temp_epochs"], ["a lower --teacher_temp"]),
+}
+
+
 @pytest.mark.parametrize(
     "change, regime",
     [
@@ -148,7 +159,11 @@ def test_collapse_regimes_and_one_warning_line(change, regime):
         assert warning is None
     else:
         assert warning.startswith(f"warning: epoch 3: {regime} collapse") and "\n" not in warning
-        assert "--teacher_temp" in warning or "--lr" in warning
+        advice = warning.split("What usually helps: ")[1]
+        says, never = ADVICE_SAYS[regime]
+        assert all(phrase in advice for phrase in says) and not any(phrase in advice for phrase in never), advice
+        assert health.ADVICE[regime] in advice
+        assert not any(health.ADVICE[other] in advice for other in health.ADVICE if other != regime)
 
 
 def test_dimensional_regime_needs_a_batch_that_can_show_two_dimensions():

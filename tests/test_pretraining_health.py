@@ -53,7 +53,8 @@ def test_a_flat_teacher_warns_once_per_epoch_and_a_sharp_one_does_not(seco_root,
     log = pretrain(seco_root, tmp_path / "flat", "--teacher_temp", "5", "--warmup_teacher_temp", "5")
     flat = warnings_of(capsys.readouterr().out)
     assert len(log) == 2 and len(flat) == 2, flat
-    assert all("uniform collapse" in w and "--teacher_temp" in w for w in flat)
+    assert all("uniform collapse" in w and "a lower --teacher_temp" in w for w in flat)
+    assert not any("a higher --teacher_temp" in w for w in flat)  # the advice against the other regimes
     assert all(row["train_teacher_entropy"] > 0.9 * torch.log(torch.tensor(16.0)).item() for row in log)
 
     # Every step's teacher and student outputs, as the loss receives them, for a KL computed independently.
