@@ -1,13 +1,9 @@
-"""A user's own images: one folder of images, with or without class subfolders.
+"""A user's own image files as the readers take them: which files are images, and the bands asked out of one.
 
-Layouts accepted (``root`` is what the user passes):
-
-- ``root/<class>/<image>``: torchvision ImageFolder style; the label is the index of ``<class>`` in the sorted
-  class folder names (``.classes``).
-- ``root/<image>``: unlabelled images; the label is -1 (for k-NN feature dumps, attention maps, ...).
-
-Images are ``.tif``/``.tiff`` (read with rasterio, any number of bands) or ``.png``/``.jpg``/``.jpeg`` (read with
-PIL as RGB, i.e. B4, B3, B2). How the bands asked (``--bands``) are taken from a GeoTIFF with C bands:
+Used by the SeCo tree reader (``datasets/seco_tree.py``: folders of one image file per acquisition) and the
+scene reader (``datasets/scenes.py``). Images are ``.tif``/``.tiff`` (read with rasterio, any number of bands)
+or ``.png``/``.jpg``/``.jpeg`` (read with PIL as RGB, i.e. B4, B3, B2). How the bands asked (``--bands``) are
+taken from a GeoTIFF with C bands:
 
 - C == number of bands asked: the file is taken to hold exactly those bands, in that order (a 3-band RGB
   GeoTIFF for ``--bands RGB``, or a file the user exported with the bands they ask for);
@@ -16,22 +12,19 @@ PIL as RGB, i.e. B4, B3, B2). How the bands asked (``--bands``) are taken from a
 - C == 13: the file is in Sentinel-2 L1C order (``bands.S2_L1C_BANDS``, B10 after B9) and picked by index.
   EuroSAT-MS files use another 13-band order (B8A last): read those with ``datasets/eurosat.py``.
 
-Anything else is a DataError naming the file. Values are returned as stored: uint8 stays uint8, 16-bit
-products become float32 (the contract for readers), so the caller's normalisation decides the scale.
+Anything else is a DataError naming the file. Values are returned as stored (uint8 stays uint8, 16-bit stays
+16-bit): the caller converts them and its normalisation decides the scale.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
 from datasets import DataError
-from datasets.bands import S2_BANDS, S2_L1C_BANDS, is_rgb, parse_bands
+from datasets.bands import S2_BANDS, S2_L1C_BANDS, is_rgb
 from datasets.io import GEOTIFF_EXTENSIONS, read_raster
 
 IMAGE_EXTENSIONS: tuple[str, ...] = GEOTIFF_EXTENSIONS + (".png", ".jpg", ".jpeg")
@@ -77,58 +70,3 @@ def read_image(path: str | Path, bands: list[str]) -> tuple[np.ndarray, bool]:
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"cannot read image {path}: {str(err).splitlines()[0] if str(err) else 'unreadable'}") from None
     return np.ascontiguousarray(rgb.transpose(2, 0, 1)), True
-
-
-def to_tensor(array: np.ndarray, path: str | Path) -> torch.Tensor:
-    """uint8 arrays -> uint8 tensor; 16-bit -> float32 tensor (readers' contract); other dtypes are a DataError."""
-    if array.dtype == np.uint8:
-        return torch.from_numpy(array)
-    if array.dtype in (np.uint16, np.int16):
-        return torch.from_numpy(array.astype(np.float32))
-    raise DataError(f"{path} stores {array.dtype} values; expected uint8 or 16-bit integers")
-
-
-class ImageFolderDataset(Dataset):
-    """Images of ``root`` (optionally in class subfolders) -> ``(transform(image), label)``.
-
-    ``image`` is a C x H x W tensor (uint8, or float32 for 16-bit GeoTIFFs) of ``bands`` (None = RGB).
-    Class subfolders win over loose files at the top level (a README next to the class folders is ignored).
-    """
-
-    def __init__(self, root: str | Path, bands: list[str] | str | None = None, transform=None):
-        self.root = Path(root)
-        self.bands = parse_bands(bands)
-        self.transform = transform
-        if not self.root.is_dir():
-            raise DataError(f"image folder {self.root} does not exist or is not a folder")
-        with os.scandir(self.root) as entries:
-            entries = sorted(entries, key=lambda e: e.name)
-        class_dirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
-        self.classes: list[str] = [e.name for e in class_dirs]
-        if self.classes:
-            self.samples = [
-                (os.path.join(d.path, name), label)
-                for label, d in enumerate(class_dirs)
-                for name in sorted(os.listdir(d.path))
-                if is_image_file(name)
-            ]
-        else:
-            self.samples = [(e.path, -1) for e in entries if e.is_file() and is_image_file(e.name)]
-        if not self.samples:
-            where = "its class folders" if self.classes else "it"
-            raise DataError(
-                f"image folder {self.root} has no images in {where} (expected {', '.join(IMAGE_EXTENSIONS)})"
-            )
-
-    @property
-    def num_bands(self) -> int:
-        return len(self.bands)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        array, _ = read_image(path, self.bands)
-        image = to_tensor(array, path)
-        return (self.transform(image) if self.transform is not None else image), label

@@ -1,12 +1,24 @@
-"""Shared pytest fixtures: where the real sample data lies, CUDA hidden from CPU tests, and GPU tests' skip."""
+"""Shared pytest fixtures: where the real sample data lies, CUDA hidden from CPU tests, and GPU tests' skip; a local
+HTTP server and a tiny EuroSAT RGB archive that several modules' tests use.
+
+``tests`` is a package imported from the repository root: test modules import the shared helpers as
+``from tests.<helper module> import ...`` (never from another test module), and so do the child processes that
+the tests start from the repository root.
+"""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+
+# The helper modules' asserts report their operands, as the test modules' do.
+pytest.register_assert_rewrite("tests.fixtures", "tests.processes")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -34,3 +46,41 @@ def cpu_unless_marked_gpu(request, monkeypatch):
         return
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+class CountingHandler(http.server.SimpleHTTPRequestHandler):
+    requests: list[str] = []
+
+    def do_GET(self):
+        type(self).requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path, monkeypatch):
+    """A folder served on 127.0.0.1 by a thread; yields (folder, base URL, list of requested paths)."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    root = tmp_path / "served"
+    root.mkdir()
+    CountingHandler.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CountingHandler, directory=root))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}", CountingHandler.requests
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def rgb_root(tmp_path_factory) -> Path:
+    """A EuroSAT RGB archive of 32 px flat-colour images, 6 per class of AnnualCrop, Forest, River and SeaLake
+    (the k-NN runs of tests.tiny_runs.TINY_KNN)."""
+    from tests.downstream_fixtures import write_eurosat_rgb
+
+    root = tmp_path_factory.mktemp("eurosat_rgb")
+    write_eurosat_rgb(root, {"AnnualCrop": 6, "Forest": 6, "River": 6, "SeaLake": 6}, size=32)
+    return root

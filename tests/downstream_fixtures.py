@@ -67,6 +67,23 @@ def write_eurosat_rgb(root: Path, counts: dict[str, int], subdir: str | Path = R
     return folder
 
 
+# The classes of write_textured_rgb's archive.
+TEXTURED_CLASSES = ("AnnualCrop", "Forest", "SeaLake")
+
+
+def write_textured_rgb(root: Path, per_class: int = 20) -> Path:
+    """The RGB archive layout with a distinct colour per class plus noise (textured, unlike flat fixtures)."""
+    rng = np.random.default_rng(0)
+    for index, cls in enumerate(TEXTURED_CLASSES):
+        for n in range(1, per_class + 1):
+            path = root / RGB_SUBDIR / cls / f"{cls}_{n}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            colour = np.array(class_colour(3 * index), dtype=np.float64)
+            pixels = np.clip(colour + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(path, quality=95)
+    return root
+
+
 def write_eurosat_ms(
     root: Path,
     counts: dict[str, int],

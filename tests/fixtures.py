@@ -1,4 +1,5 @@
-"""Writers of tiny SeCo-layout fixtures (band folders, RGB previews, plain image folders).
+"""Writers of tiny SeCo-layout fixtures (band folders, RGB previews, plain image folders) and of Zarr stores
+made from them (prepare_data.py), with the check that a store holds its tree's images.
 
 Every image is constant per band with a value that encodes (acquisition, band), so a test can tell which
 acquisition and which band a reader returned without storing any expected image.
@@ -10,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import torch
 from PIL import Image
 from rasterio.transform import Affine
 
+import prepare_data
 from datasets.bands import RESOLUTION_M, S2_BANDS
+from datasets.seco import SeCoDataset
 
 SIZE_10M = 24  # 12 px at 20 m, 4 px at 60 m
 
@@ -87,4 +91,34 @@ def write_image_folder_layout(root: Path, extension: str, n_locations: int = 2, 
                 write_tif(folder / f"t{acq}.{extension}", rgb.transpose(2, 0, 1))
             else:
                 Image.fromarray(rgb).save(folder / f"t{acq}.{extension}")
+    return root
+
+
+SHARD = 2  # acquisitions per shard in these tests: 9 acquisitions -> 5 shards, the last one partial
+
+
+def write_store(tree: Path, output: Path, bands: str = "RGB", *extra: str) -> Path:
+    prepare_data.run(
+        ["--data_path", str(tree), "--output_path", str(output), "--bands", bands, "--shard_size", str(SHARD), *extra]
+    )
+    return output
+
+
+def assert_same_images(tree: Path, store: Path | str, bands: str) -> None:
+    a, b = SeCoDataset(tree, bands=bands), SeCoDataset(store, bands=bands)
+    assert a.locations == b.locations and len(a) > 0
+    for i in range(len(a)):
+        assert a.acquisition_names(i) == b.acquisition_names(i)
+        for k in range(len(a.acquisition_names(i))):
+            loaded = b.load(i, k)
+            assert torch.equal(loaded, a.load(i, k)) and loaded.is_contiguous()
+
+
+def varied(root: Path, pattern: str, dtype=np.uint8, high: int = 256) -> Path:
+    """Random pixels in the matching files (the fixtures' constant images would hide a mixed-up offset)."""
+    rng = np.random.default_rng(0)
+    for path in sorted(root.glob(pattern)):
+        with rasterio.open(path) as src:
+            shape = (src.count, src.height, src.width)
+        write_tif(path, rng.integers(0, high, shape, dtype=dtype))
     return root

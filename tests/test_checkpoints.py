@@ -24,8 +24,7 @@ def test_save_checkpoint_is_atomic_and_leaves_no_temp(tmp_path):
 
 
 KILL_WRITER = """
-import sys, time, torch
-sys.path.insert(0, {repo!r})
+import time, torch
 import utils
 orig_save = torch.save
 def slow_save(obj, f):
@@ -41,8 +40,9 @@ utils.save_checkpoint({{"epoch": 99}}, {path!r})
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     path = tmp_path / "checkpoint.pth"
     utils.save_checkpoint({"epoch": 1, "weights": torch.arange(10)}, path)
-    code = KILL_WRITER.format(repo=str(Path(utils.__file__).parent), path=str(path))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    code = KILL_WRITER.format(path=str(path))
+    repo = Path(utils.__file__).parent
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=repo, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"  # the write is under way
     time.sleep(0.2)
     proc.kill()

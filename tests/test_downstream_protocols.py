@@ -10,9 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from downstream_fixtures import write_bigearthnet_lists, write_eurosat_rgb, write_oscd
-from test_bigearthnet import DATA, EXPECTED_43, PATCHES, link_patches
-from test_engine import make_args, toy_data, toy_task
 from torchvision.transforms import v2
 
 import engine
@@ -23,6 +20,9 @@ import finetune_eurosat
 import finetune_oscd
 from datasets.bigearthnet import LABELS_43
 from datasets.transforms import BICUBIC
+from tests.bigearthnet_samples import DATA, EXPECTED_43, PATCHES, link_patches
+from tests.downstream_fixtures import write_bigearthnet_lists, write_eurosat_rgb, write_oscd
+from tests.engine_toy import make_args, toy_data, toy_task
 
 BEN_FAST = ["--arch", "resnet18", "--pretrained_weights", "none", "--input_size", "32", "--num_workers", "0"]
 BEN_FAST += ["--batch_size_per_gpu", "2", "--print_freq", "100", "--epochs", "1"]

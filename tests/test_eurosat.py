@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from downstream_fixtures import class_colour, write_eurosat_ms, write_eurosat_rgb, write_eurosat_split_files
 
 from datasets import DataError
 from datasets.eurosat import (
@@ -20,6 +19,7 @@ from datasets.eurosat import (
     normalize,
     save_split,
 )
+from tests.downstream_fixtures import class_colour, write_eurosat_ms, write_eurosat_rgb, write_eurosat_split_files
 
 COUNTS = {"Forest": 5, "AnnualCrop": 10, "SeaLake": 5}
 CLASSES = ["AnnualCrop", "Forest", "SeaLake"]

@@ -12,17 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from downstream_fixtures import write_eurosat_ms, write_eurosat_rgb
 
 import eval_knn
 import utils
 from datasets.eurosat import EuroSAT
 from datasets.transforms import eval_transform
+from tests.downstream_fixtures import write_eurosat_ms
+from tests.tiny_runs import TINY_KNN
 
 REPO = Path(__file__).resolve().parents[1]
-COUNTS = {"AnnualCrop": 6, "Forest": 6, "River": 6, "SeaLake": 6}
-TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--resize_size", "32", "--crop_size", "32"]
-TINY += ["--num_workers", "0", "--batch_size_per_gpu", "8", "--device", "cpu"]
 
 
 def brute_force_knn(train, train_labels, test, test_labels, k, temperature, num_classes):
@@ -58,13 +56,6 @@ def test_knn_classifier_matches_brute_force(num_classes):
     assert result[20] == pytest.approx(brute_force_knn(train, train_labels, test, test_labels, 20, 1.0, num_classes))
 
 
-@pytest.fixture(scope="module")
-def rgb_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("eurosat_rgb")
-    write_eurosat_rgb(root, COUNTS, size=32)
-    return root
-
-
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -72,7 +63,7 @@ def read_json(path: Path) -> dict:
 def test_end_to_end_random_weights_dump_and_reload(rgb_root, tmp_path):
     out = tmp_path / "out"
     eval_knn.run(
-        TINY
+        TINY_KNN
         + ["--pretrained_weights", "none", "--data_path", str(rgb_root), "--output_dir", str(out)]
         + ["--nb_knn", "1", "3", "--dump_features", str(tmp_path / "feats")]
     )
@@ -107,7 +98,7 @@ def test_checkpoint_against_random_weights(rgb_root, tmp_path):
     torch.save({"teacher": {f"backbone.{k}": v for k, v in teacher.state_dict().items()}}, tmp_path / "ckpt.pth")
     out = tmp_path / "out"
     eval_knn.run(
-        TINY
+        TINY_KNN
         + ["--pretrained_weights", str(tmp_path / "ckpt.pth"), "--compare_random", "--nb_knn", "2"]
         + ["--data_path", str(rgb_root), "--output_dir", str(out), "--dump_features", str(tmp_path / "feats")]
     )
@@ -123,7 +114,7 @@ def test_multispectral_bands(tmp_path):
     write_eurosat_ms(root, {"Forest": 5, "River": 5}, size=32)
     out = tmp_path / "out"
     eval_knn.run(
-        TINY
+        TINY_KNN
         + ["--pretrained_weights", "none", "--bands", "B4,B3,B2,B8", "--nb_knn", "2"]
         + ["--data_path", str(root), "--output_dir", str(out), "--dump_features", str(tmp_path / "feats")]
     )
@@ -142,7 +133,7 @@ def test_multispectral_bands(tmp_path):
 )
 def test_bad_input_is_one_line_exit_2(rgb_root, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
-        eval_knn.run(TINY + ["--data_path", str(rgb_root), "--output_dir", str(tmp_path), "--nb_knn", "3"] + extra)
+        eval_knn.run(TINY_KNN + ["--data_path", str(rgb_root), "--output_dir", str(tmp_path), "--nb_knn", "3"] + extra)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and "\n" not in err
@@ -151,7 +142,7 @@ def test_bad_input_is_one_line_exit_2(rgb_root, tmp_path, capsys, extra, message
 def test_k_larger_than_the_memory_bank_is_clamped_with_one_warning(rgb_root, tmp_path, capsys):
     """The default k values (up to 200) on a 16-image memory bank: k = 16 instead, said once, and the run ends."""
     eval_knn.run(
-        TINY + ["--pretrained_weights", "none", "--data_path", str(rgb_root), "--output_dir", str(tmp_path)]
+        TINY_KNN + ["--pretrained_weights", "none", "--data_path", str(rgb_root), "--output_dir", str(tmp_path)]
         + ["--nb_knn", "3", "50", "200"]
     )  # fmt: skip
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
@@ -159,13 +150,13 @@ def test_k_larger_than_the_memory_bank_is_clamped_with_one_warning(rgb_root, tmp
     results = read_json(tmp_path / "knn.json")
     assert list(results) == ["3", "16"]
     common = ["--pretrained_weights", "none", "--data_path", str(rgb_root), "--nb_knn", "16"]
-    eval_knn.run(TINY + common + ["--output_dir", str(tmp_path / "exact")])
+    eval_knn.run(TINY_KNN + common + ["--output_dir", str(tmp_path / "exact")])
     assert results["16"] == read_json(tmp_path / "exact" / "knn.json")["16"]  # the same k = 16 run
 
 
 def test_torchrun_two_processes_give_the_single_process_features(rgb_root, tmp_path):
     """Each of 2 CPU processes extracts every other image; the gathered features equal a plain run's."""
-    common = TINY + ["--pretrained_weights", "none", "--nb_knn", "1", "--data_path", str(rgb_root)]
+    common = TINY_KNN + ["--pretrained_weights", "none", "--nb_knn", "1", "--data_path", str(rgb_root)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["eval_knn.py", *common, "--output_dir", str(tmp_path / "two"), "--dump_features", str(tmp_path / "f2")]

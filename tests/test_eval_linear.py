@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from test_finetune_eurosat import write_textured_rgb
 
 import eval_linear
 import utils
 import vision_transformer as vits
+from tests.downstream_fixtures import write_textured_rgb
 from utils import MultiCropWrapper
 
 FAST = ["--arch", "vit_tiny", "--patch_size", "16", "--input_size", "32", "--num_workers", "0"]

@@ -6,10 +6,10 @@ import json
 import shutil
 
 import pytest
-from test_bigearthnet import DATA, EXPECTED_19, PATCHES, ROOT, link_patches
 
 import finetune_bigearthnet
 from datasets.bigearthnet import CLASSES_19
+from tests.bigearthnet_samples import DATA, EXPECTED_19, PATCHES, ROOT, link_patches
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real sample data {DATA} missing (not in a user's clone)")
 

@@ -10,30 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from downstream_fixtures import class_colour, write_eurosat_ms, write_eurosat_split_files
-from PIL import Image
 
 import finetune_eurosat
-from datasets.eurosat import EUROSAT_MS_MEAN_STD, MS_FILE_BANDS, RGB_SUBDIR
+from datasets.eurosat import EUROSAT_MS_MEAN_STD, MS_FILE_BANDS
+from tests.downstream_fixtures import TEXTURED_CLASSES, write_eurosat_ms, write_eurosat_split_files, write_textured_rgb
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ["AnnualCrop", "Forest", "SeaLake"]
 FAST = ["--arch", "vit_tiny", "--patch_size", "16", "--input_size", "32", "--num_workers", "0"]
 FAST += ["--batch_size_per_gpu", "6", "--lr", "2", "--print_freq", "100", "--device", "cpu"]
 RANDOM = ["--pretrained_weights", "none"]
-
-
-def write_textured_rgb(root: Path, per_class: int = 20) -> Path:
-    """The RGB archive layout with a distinct colour per class plus noise (textured, unlike flat fixtures)."""
-    rng = np.random.default_rng(0)
-    for index, cls in enumerate(CLASSES):
-        for n in range(1, per_class + 1):
-            path = root / RGB_SUBDIR / cls / f"{cls}_{n}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            colour = np.array(class_colour(3 * index), dtype=np.float64)
-            pixels = np.clip(colour + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(path, quality=95)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +67,7 @@ def test_rerun_with_more_epochs_resumes(rgb_run, tmp_path):
 
 def test_multispectral_all_bands_learns(tmp_path):
     """MS GeoTIFFs (B8A stored last), 12 bands read; each class has its own constant band levels."""
-    for index, cls in enumerate(CLASSES):
+    for index, cls in enumerate(TEXTURED_CLASSES):
         levels = {b: int(mean + (index - 1) * std) for b, (mean, std) in EUROSAT_MS_MEAN_STD.items()}
         write_eurosat_ms(tmp_path / "data", {cls: 10}, size=32, band_values=levels)
     assert len(MS_FILE_BANDS) == 13

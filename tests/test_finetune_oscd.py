@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from downstream_fixtures import oscd_change_region, write_geotiff, write_oscd
 from PIL import Image
 
 import finetune_oscd
 import utils
 from segmentation import SiameseUNet
+from tests.downstream_fixtures import oscd_change_region, write_geotiff, write_oscd
 
 CITIES = {"aa": (96, 96), "bb": (80, 100), "cc": (90, 96), "dd": (96, 70), "tt": (72, 100)}
 TRAIN, TEST = ["aa", "bb", "cc", "dd"], ["tt"]

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import health
+from main_dino_mc import DINOLoss
+from tests.by_hand import kl_by_hand
 
 K = 8
 
@@ -25,11 +27,9 @@ def test_entropies_of_uniform_one_hot_and_mixed_distributions():
 
     m = signals(uniform, loss, features, n_crops=1)
     assert m[0].item() == pytest.approx(math.log(K)) and m[1].item() == pytest.approx(math.log(K))
-    assert m[2].item() == pytest.approx(2.5 - math.log(K))  # KL = cross-entropy - entropy
 
     m = signals(one_hot, loss, features, n_crops=1)
     assert m[0].item() == pytest.approx(0.0) and m[1].item() == pytest.approx(0.0)  # one prototype for all
-    assert m[2].item() == pytest.approx(2.5)
 
     m = signals(spread_one_hot, loss, features, n_crops=1)
     assert m[0].item() == pytest.approx(0.0) and m[1].item() == pytest.approx(math.log(4))  # sharp, 4 used
@@ -42,6 +42,38 @@ def test_entropies_of_uniform_one_hot_and_mixed_distributions():
     m = signals(mixed, loss, features, n_crops=1)
     assert m[0].item() == pytest.approx(math.log(2))
     assert m[1].item() == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(1 / 8)))
+
+
+@pytest.mark.parametrize("n_teacher,n_local", [(2, 2), (3, 6)])
+def test_kl_signal_is_the_kl_divergence_of_the_loss_pairs(n_teacher, n_local):
+    """The logged teacher-student KL, from DINOLoss's own teacher distributions and loss, equals the KL computed
+    independently from the teacher's and the student's distributions (DINO-MC: 2 teacher crops, DINO-TP: 3)."""
+    torch.manual_seed(n_teacher)
+    batch, ncrops = 3, n_teacher + n_local
+    student, teacher = torch.randn(ncrops * batch, K), 3 * torch.randn(n_teacher * batch, K)
+    center = 0.5 * torch.randn(1, K)
+    loss_fn = DINOLoss(K, ncrops, 0.07, 0.07, 0, 1, teacher_crops_number=n_teacher)
+    loss_fn.center = center.clone()
+    loss = loss_fn(student, teacher, epoch=0)
+    kl = signals(loss_fn.teacher_probs, loss, torch.randn(n_teacher * batch, 4), n_crops=n_teacher)[2].item()
+    expected = kl_by_hand(student, teacher, center, n_teacher, 0.07, 0.1)
+    assert expected > 0.1  # distributions that differ: a KL well away from 0
+    assert kl == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_kl_signal_is_zero_when_the_student_matches_the_teacher():
+    """Every crop of an image the same and the student's logits the teacher's, rescaled to its temperature: the
+    distributions are equal, so the KL is 0 although the loss (the teacher's entropy) is not."""
+    torch.manual_seed(0)
+    logits, center = torch.randn(2, K), 0.3 * torch.randn(1, K)
+    teacher = logits.repeat(2, 1)  # 2 teacher crops of a batch of 2
+    student = ((logits - center) * 0.1 / 0.5).repeat(4, 1)  # 2 global + 2 local crops
+    loss_fn = DINOLoss(K, 4, 0.5, 0.5, 0, 1)  # a warm teacher: an entropy well above 0
+    loss_fn.center = center.clone()
+    loss = loss_fn(student, teacher, epoch=0)
+    kl = signals(loss_fn.teacher_probs, loss, torch.randn(4, 4), n_crops=2)[2].item()
+    assert kl_by_hand(student, teacher, center, 2, 0.5, 0.1) == pytest.approx(0.0, abs=1e-9)
+    assert loss.item() > 0.5 and kl == pytest.approx(0.0, abs=1e-5)
 
 
 def test_batch_entropy_is_per_teacher_crop():
@@ -97,6 +129,17 @@ HEALTHY = {
 }
 
 
+# What each regime's advice must say, and what it must not: the teacher temperature goes down against a flat
+# teacher and up against one that puts every image on the same prototypes or spreads them too little; it has no
+# bearing on a backbone that maps everything to one point.
+ADVICE_SAYS = {
+    "uniform": (["a lower --teacher_temp", "a shorter --warmup_teacher_temp_epochs"], ["a higher --teacher_temp"]),
+    "one-prototype": (["a higher --teacher_temp", "--precision fp32"], ["a lower --teacher_temp"]),
+    "features": (["a lower --lr", "--precision fp32"], ["--teacher_temp"]),
+    "dimensional": (["a higher --teacher_temp", "a longer --warmup_teacher_temp_epochs"], ["a lower --teacher_temp"]),
+}
+
+
 @pytest.mark.parametrize(
     "change, regime",
     [
@@ -116,7 +159,11 @@ def test_collapse_regimes_and_one_warning_line(change, regime):
         assert warning is None
     else:
         assert warning.startswith(f"warning: epoch 3: {regime} collapse") and "\n" not in warning
-        assert "--teacher_temp" in warning or "--lr" in warning
+        advice = warning.split("What usually helps: ")[1]
+        says, never = ADVICE_SAYS[regime]
+        assert all(phrase in advice for phrase in says) and not any(phrase in advice for phrase in never), advice
+        assert health.ADVICE[regime] in advice
+        assert not any(health.ADVICE[other] in advice for other in health.ADVICE if other != regime)
 
 
 def test_dimensional_regime_needs_a_batch_that_can_show_two_dimensions():

@@ -8,6 +8,7 @@ the .partial download, the strict loading of the teacher) is the real code path 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import gdown
 import pytest
@@ -17,9 +18,8 @@ import hubconf
 import published
 import utils
 import vision_transformer as vits
-from tests.conftest import REPO
-from tests.test_pretrained import http_root  # noqa: F401 (a local http.server fixture)
 
+REPO = Path(__file__).resolve().parents[1]
 # entry -> feature size of the backbone
 ENTRIES = {entry.name: entry.feature_dim for entry in published.PUBLISHED}
 TP_VITS8_ID = published.BY_NAME["dino_tp_vits8"].drive_id
@@ -44,8 +44,8 @@ def test_entry_builds_the_backbone_without_classifier(name):
 
 
 @pytest.fixture
-def drive_served(http_root, monkeypatch):  # noqa: F811 (the fixture imported above)
-    """gdown.download(id=...) fetches ``served/<id>`` from test_pretrained's local server; yields (folder,
+def drive_served(http_root, monkeypatch):
+    """gdown.download(id=...) fetches ``served/<id>`` from conftest's local server; yields (folder,
     requested paths)."""
     served, base, requests = http_root
     real_download = gdown.download

@@ -14,6 +14,7 @@ import torch
 import main_dino_mc
 import prepare_data
 from datasets.demo import write_seco_demo
+from tests.tiny_runs import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,40 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def seco_root(tmp_path_factory) -> Path:
     return write_seco_demo(tmp_path_factory.mktemp("seco") / "seco", n_locations=2, n_acquisitions=3, seed=1)
-
-
-def tiny_args(data_path, output_dir, *extra: str) -> list[str]:
-    return [
-        "--arch",
-        "vit_tiny",
-        "--patch_size",
-        "16",
-        "--data_mode",
-        "mc",
-        "--data_path",
-        str(data_path),
-        "--output_dir",
-        str(output_dir),
-        "--epochs",
-        "1",
-        "--batch_size_per_gpu",
-        "2",
-        "--out_dim",
-        "256",
-        "--num_workers",
-        "0",
-        "--precision",
-        "fp32",
-        "--seed",
-        "0",
-        "--device",
-        "cpu",
-        "--print_freq",
-        "1",
-        # small crops so that a step is quick on a CPU; six local sizes, as published (mc/tp use the smallest)
-        *("--global_crops_size", "64", "--size_crops", "56", "48", "40", "32", "24", "16"),
-        *extra,
-    ]
 
 
 def read_log(output_dir: Path) -> list[dict]:

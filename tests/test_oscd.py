@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from downstream_fixtures import oscd_band, oscd_change_region, write_oscd
 from PIL import Image
 
 from datasets import DataError
 from datasets.oscd import OSCD, OSCD_RGB_STRETCH, band_stretch, normalize, split_cities, stitch_tiles
+from tests.downstream_fixtures import oscd_band, oscd_change_region, write_oscd
 
 CITIES = {"paris": (100, 130), "bercy": (64, 80), "brasilia": (70, 50)}
 TRAIN, TEST = ["paris", "bercy"], ["brasilia"]

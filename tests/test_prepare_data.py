@@ -16,9 +16,8 @@ from datasets import DataError
 from datasets.seco import SeCoDataset
 from datasets.seco_store import shard_key
 from datasets.seco_store_writer import PROGRESS
-from tests.fixtures import acquisition_id, write_band_layout, write_tif
-from tests.test_robustness import killed_at_rename
-from tests.test_seco_store import SHARD, assert_same_images, varied, write_store
+from tests.fixtures import SHARD, acquisition_id, assert_same_images, varied, write_band_layout, write_store, write_tif
+from tests.processes import killed_at_rename
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 

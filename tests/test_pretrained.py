@@ -8,24 +8,21 @@ prefixes) and DINO's bare state-dict releases, for a ViT and a torchvision ResNe
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
 import os
 import pickle
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
-from published_checkpoints import as_numpy1_pickle
 from timm.layers import resample_abs_pos_embed
 
 import published
 import utils
 import vision_transformer as vits
 from datasets.bands import S2_BANDS, S2_L1C_BANDS
+from tests.published_checkpoints import as_numpy1_pickle
 
 # numpy's own builders, under the installed numpy's module name (numpy._core on numpy 2)
 NUMPY_SCALAR, NUMPY_RECONSTRUCT = np.float64(0).__reduce__()[0], np.arange(1).__reduce__()[0]
@@ -220,33 +217,6 @@ def test_unknown_checkpoint_key_lists_entries(tmp_path):
     our_checkpoint(path, "vit_tiny")
     with pytest.raises(utils.ConfigError, match="--checkpoint_key ema: .*entries holding dicts: .*student, teacher"):
         utils.load_pretrained_weights(build("vit_tiny"), str(path), "ema")
-
-
-class CountingHandler(http.server.SimpleHTTPRequestHandler):
-    requests: list[str] = []
-
-    def do_GET(self):
-        type(self).requests.append(self.path)
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_root(tmp_path, monkeypatch):
-    """A folder served on 127.0.0.1 by a thread; yields (folder, base URL, list of requested paths)."""
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    root = tmp_path / "served"
-    root.mkdir()
-    CountingHandler.requests = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CountingHandler, directory=root))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}", CountingHandler.requests
-    server.shutdown()
-    server.server_close()
 
 
 def test_url_downloaded_once_into_cache(tmp_path, http_root, monkeypatch):

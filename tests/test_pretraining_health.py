@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from downstream_fixtures import write_eurosat_rgb
 
 import eval_knn
 import main_dino_mc
@@ -15,6 +14,8 @@ import utils
 from datasets.demo import write_seco_demo
 from datasets.eurosat import EuroSAT
 from datasets.transforms import eval_transform
+from tests.by_hand import kl_by_hand
+from tests.downstream_fixtures import write_eurosat_rgb
 
 HEALTH_KEYS = {f"train_{k}" for k in ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl")}
 HEALTH_KEYS |= {"train_feature_std", "train_feature_dims", "train_prototypes_used", "train_momentum"}
@@ -46,22 +47,33 @@ def warnings_of(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("warning: epoch")]
 
 
-def test_a_flat_teacher_warns_once_per_epoch_and_a_sharp_one_does_not(seco_root, tmp_path, capsys):
+def test_a_flat_teacher_warns_once_per_epoch_and_a_sharp_one_does_not(seco_root, tmp_path, capsys, monkeypatch):
     """Teacher temperature 5: every distribution is flat (uniform collapse) -> one warning per epoch, and the
     run goes on to the end. Temperature 0.02: sharp, several prototypes -> no warning."""
     log = pretrain(seco_root, tmp_path / "flat", "--teacher_temp", "5", "--warmup_teacher_temp", "5")
     flat = warnings_of(capsys.readouterr().out)
     assert len(log) == 2 and len(flat) == 2, flat
-    assert all("uniform collapse" in w and "--teacher_temp" in w for w in flat)
+    assert all("uniform collapse" in w and "a lower --teacher_temp" in w for w in flat)
+    assert not any("a higher --teacher_temp" in w for w in flat)  # the advice against the other regimes
     assert all(row["train_teacher_entropy"] > 0.9 * torch.log(torch.tensor(16.0)).item() for row in log)
 
+    # Every step's teacher and student outputs, as the loss receives them, for a KL computed independently.
+    steps, forward = [], main_dino_mc.DINOLoss.forward
+
+    def recording(self, student_output, teacher_output, epoch):
+        outputs = (student_output.detach().clone(), teacher_output.detach().clone(), self.center.clone())
+        steps.append((epoch, *outputs, self.teacher_temp_schedule[epoch], self.student_temp))
+        return forward(self, student_output, teacher_output, epoch)
+
+    monkeypatch.setattr(main_dino_mc.DINOLoss, "forward", recording)
     log = pretrain(seco_root, tmp_path / "sharp", "--teacher_temp", "0.02", "--warmup_teacher_temp", "0.02")
     assert warnings_of(capsys.readouterr().out) == []
     assert HEALTH_KEYS <= set(log[0]) and log[0]["out_dim"] == 16
     assert all(row["train_prototypes_used"] >= 2 for row in log)
-    # KL = loss - teacher entropy, exactly, per step and so per epoch
+    # The logged KL is each epoch's mean over its steps of KL(teacher || student) over the loss's crop pairs.
     for row in log:
-        assert row["train_teacher_student_kl"] == pytest.approx(row["train_loss"] - row["train_teacher_entropy"])
+        kls = [kl_by_hand(s, t, c, 2, tt, ts) for epoch, s, t, c, tt, ts in steps if epoch == row["epoch"]]
+        assert kls and row["train_teacher_student_kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-4, abs=1e-5)
 
     png = tmp_path / "sharp" / "training_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

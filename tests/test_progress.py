@@ -14,8 +14,7 @@ import logs
 import prepare_data
 import utils
 from datasets.demo import write_seco_demo
-from tests.test_eval_knn import TINY, rgb_root  # noqa: F401 (a module fixture)
-from tests.test_pretrained import http_root  # noqa: F401 (a local http.server fixture)
+from tests.tiny_runs import TINY_KNN
 
 LINE = re.compile(r"^(?P<desc>.+) \[(?P<done>\d+)/(?P<total>\d+)\] eta: \d+:\d\d:\d\d elapsed: \d+:\d\d:\d\d(, .+)?$")
 
@@ -60,7 +59,7 @@ def test_store_writing_and_demo_data_report_progress(tmp_path, capsys):
     assert [done for _, done, _ in progress_lines(capsys.readouterr().out)] == [1, 2, 3]
 
 
-def test_url_download_a_bar_on_a_terminal_and_lines_in_a_log(tmp_path, capsys, monkeypatch, http_root):  # noqa: F811
+def test_url_download_a_bar_on_a_terminal_and_lines_in_a_log(tmp_path, capsys, monkeypatch, http_root):
     served, base, _ = http_root
     (served / "a.pth").write_bytes(b"x" * 1000)
     (served / "b.pth").write_bytes(b"y" * 1000)
@@ -72,9 +71,9 @@ def test_url_download_a_bar_on_a_terminal_and_lines_in_a_log(tmp_path, capsys, m
     assert "100%|" in capsys.readouterr().err
 
 
-def test_knn_feature_extraction_reports_progress(rgb_root, tmp_path, capsys):  # noqa: F811
+def test_knn_feature_extraction_reports_progress(rgb_root, tmp_path, capsys):
     args = ["--pretrained_weights", "none", "--data_path", str(rgb_root), "--output_dir", str(tmp_path)]
-    eval_knn.run(TINY + args + ["--nb_knn", "1", "--batch_size_per_gpu", "4", "--print_freq", "2"])
+    eval_knn.run(TINY_KNN + args + ["--nb_knn", "1", "--batch_size_per_gpu", "4", "--print_freq", "2"])
     lines = progress_lines(capsys.readouterr().out)
     train = [(done, total) for desc, done, total in lines if desc == "pretrained train:"]
     assert train[-1][0] == train[-1][1] > 2  # every batch of the split counted, the last one reported

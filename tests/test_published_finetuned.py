@@ -11,14 +11,14 @@ import json
 
 import pytest
 import torch
-from downstream_fixtures import write_eurosat_rgb, write_oscd
-from published_checkpoints import PublishedUNet, write_published_eurosat, write_published_oscd
 
 import engine
 import finetune_eurosat
 import finetune_oscd
 import utils
 from segmentation import SiameseUNet, from_published_state_dict
+from tests.downstream_fixtures import write_eurosat_rgb, write_oscd
+from tests.published_checkpoints import PublishedUNet, write_published_eurosat, write_published_oscd
 
 
 def _published_unet(ours: SiameseUNet, backbone_arch: str) -> PublishedUNet:

@@ -17,7 +17,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import test_engine
 import torch
 
 import checkpoints
@@ -29,6 +28,8 @@ import runtime
 import utils
 from datasets import pretraining
 from datasets.demo import write_seco_demo
+from tests.engine_toy import make_args, train_toy
+from tests.processes import child_env, killed_at_rename, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 ITERS_PER_EPOCH = 4  # 8 locations, batch 2, one process
@@ -58,16 +59,6 @@ def tiny_args(data_path: Path, output_dir: Path, *extra: str) -> list[str]:
         *("--num_workers", "0"),
         *extra,
     ]
-
-
-def child_env(**extra: str) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-
-
-def run_script(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300, **kwargs
-    )
 
 
 def max_teacher_diff(a: Path, b: Path) -> float:
@@ -419,32 +410,6 @@ def test_nodes_sharing_a_cache_folder_do_not_corrupt_each_other(tmp_path):
 
 # ============================================================================ kills at every writer
 
-KILL_AT_RENAME = """
-import os, runpy, signal, sys
-name, left = sys.argv[1], [int(sys.argv[2])]
-def killing(rename):
-    def at_rename(src, dst, *args, **kwargs):
-        if os.fspath(dst).endswith(name):
-            left[0] -= 1
-            if left[0] == 0:
-                os.kill(os.getpid(), signal.SIGKILL)  # the write is complete, the rename has not happened
-        return rename(src, dst, *args, **kwargs)
-    return at_rename
-os.replace, os.rename = killing(os.replace), killing(os.rename)
-sys.argv = sys.argv[3:]
-if sys.argv[0].endswith(".py"):
-    runpy.run_path(sys.argv[0], run_name="__main__")
-else:
-    exec(sys.argv[0])
-"""
-
-
-def killed_at_rename(name: str, *args: str, occurrence: int = 1) -> None:
-    """Run ``args`` (a script and its flags, or code), killed by SIGKILL when it renames a file onto a path that
-    ends with ``name`` (the ``occurrence``-th time)."""
-    proc = run_script(["-c", KILL_AT_RENAME, name, str(occurrence), *args])
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-
 
 def test_kill_at_log_and_checkpoint_writes_keeps_them_and_resumes(seco_root, tmp_path):
     one_epoch = tiny_args(seco_root, tmp_path, "--epochs", "1")
@@ -468,9 +433,8 @@ def test_kill_at_log_and_checkpoint_writes_keeps_them_and_resumes(seco_root, tmp
 TOY_FIT_ARGS = {"epochs": 4, "lr": 0.01}
 TOY_FIT = f"""
 import sys
-sys.path.insert(0, "tests")
-import test_engine
-test_engine.train_toy(test_engine.make_args(sys.argv[1], **{TOY_FIT_ARGS!r}))
+from tests.engine_toy import make_args, train_toy
+train_toy(make_args(sys.argv[1], **{TOY_FIT_ARGS!r}))
 """
 
 
@@ -481,7 +445,7 @@ def test_kill_at_best_checkpoint_write_keeps_best_and_checkpoint_consistent(tmp_
     assert torch.load(tmp_path / "checkpoint_best.pth", weights_only=False)["epoch"] == 1
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["epoch"] == 1
 
-    test_engine.train_toy(test_engine.make_args(tmp_path, **TOY_FIT_ARGS))  # the next run, in this process
+    train_toy(make_args(tmp_path, **TOY_FIT_ARGS))  # the next run, in this process
     saved_best = torch.load(tmp_path / "checkpoint_best.pth", weights_only=False)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert saved_best["epoch"] - 1 == metrics["best"]["epoch"] == 1

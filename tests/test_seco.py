@@ -1,10 +1,9 @@
-"""SeCoDataset on the real SeCo-layout sample and on generated fixtures of its three layouts; ImageFolderDataset."""
+"""SeCoDataset on the real SeCo-layout sample and on generated fixtures of its three layouts; one image file read."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 
 from datasets import DataError
 from datasets.bands import RGB_BANDS, S2_BANDS, SECO_RGB_STRETCH, parse_bands
-from datasets.folder import ImageFolderDataset
+from datasets.folder import read_image
 from datasets.seco import SeCoDataset
 from tests.fixtures import (
     SIZE_10M,
@@ -252,31 +251,19 @@ def test_unknown_band_and_mode_are_value_errors(tmp_path):
         SeCoDataset(tmp_path, data_mode="simclr")
 
 
-def test_image_folder_with_and_without_classes(tmp_path):
-    write_image_folder_layout(tmp_path / "classes", "png", n_locations=2, n_acquisitions=3)
-    labelled = ImageFolderDataset(tmp_path / "classes")
-    assert labelled.classes == ["site_0", "site_1"]
-    assert [label for _, label in labelled.samples] == [0, 0, 0, 1, 1, 1]
-    image, label = labelled[4]
-    assert label == 1 and image.dtype == torch.uint8 and image.shape == (3, SIZE_10M, SIZE_10M)
-
-    shutil.copytree(tmp_path / "classes" / "site_0", tmp_path / "flat")
-    flat = ImageFolderDataset(tmp_path / "flat")
-    assert flat.classes == [] and len(flat) == 3 and flat[0][1] == -1
-
-
-def test_image_folder_uint16_tif_band_selection(tmp_path):
+def test_read_image_picks_bands_of_a_uint16_tif_by_position(tmp_path):
+    """A 12-band GeoTIFF is in Sentinel-2 L2A order: B8A is its 9th band, B2 its 2nd; values stay uint16."""
     stack = np.stack([np.full((8, 8), 1000 * (j + 1), np.uint16) for j in range(12)])
     write_tif(tmp_path / "a.tif", stack)
-    image, _ = ImageFolderDataset(tmp_path, bands=["B8A", "B2"])[0]
-    assert image.dtype == torch.float32 and image[:, 0, 0].tolist() == [9000.0, 2000.0]
+    array, rendered = read_image(tmp_path / "a.tif", ["B8A", "B2"])
+    assert array.dtype == np.uint16 and array[:, 0, 0].tolist() == [9000, 2000] and not rendered
     with pytest.raises(DataError, match="a.tif has the 12 bands.*no B10"):
-        ImageFolderDataset(tmp_path, bands=["B10"])[0]
+        read_image(tmp_path / "a.tif", ["B10"])
 
 
-def test_image_folder_errors(tmp_path):
-    with pytest.raises(DataError, match="has no images"):
-        ImageFolderDataset(tmp_path)
+def test_read_image_of_an_rgb_file(tmp_path):
     write_image_folder_layout(tmp_path, "jpg", n_locations=1, n_acquisitions=1)
+    array, rendered = read_image(tmp_path / "site_0" / "t0.jpg", RGB_BANDS)
+    assert array.dtype == np.uint8 and array.shape == (3, SIZE_10M, SIZE_10M) and rendered
     with pytest.raises(DataError, match="t0.jpg is an RGB image"):
-        ImageFolderDataset(tmp_path, bands=["B8"])[0]
+        read_image(tmp_path / "site_0" / "t0.jpg", ["B8"])

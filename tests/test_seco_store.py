@@ -9,47 +9,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import torch
 import zarr
 
-import prepare_data
 from datasets import DataError, pretraining
 from datasets.bands import S2_BANDS
 from datasets.seco import SeCoDataset
 from datasets.seco_store import SeCoStore, shard_key
-from tests.fixtures import write_band_layout, write_image_folder_layout, write_preview_layout, write_tif
+from tests.fixtures import (
+    assert_same_images,
+    varied,
+    write_band_layout,
+    write_image_folder_layout,
+    write_preview_layout,
+    write_store,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
-
-SHARD = 2  # acquisitions per shard in these tests: 9 acquisitions -> 5 shards, the last one partial
-
-
-def write_store(tree: Path, output: Path, bands: str = "RGB", *extra: str) -> Path:
-    prepare_data.run(
-        ["--data_path", str(tree), "--output_path", str(output), "--bands", bands, "--shard_size", str(SHARD), *extra]
-    )
-    return output
-
-
-def assert_same_images(tree: Path, store: Path | str, bands: str) -> None:
-    a, b = SeCoDataset(tree, bands=bands), SeCoDataset(store, bands=bands)
-    assert a.locations == b.locations and len(a) > 0
-    for i in range(len(a)):
-        assert a.acquisition_names(i) == b.acquisition_names(i)
-        for k in range(len(a.acquisition_names(i))):
-            loaded = b.load(i, k)
-            assert torch.equal(loaded, a.load(i, k)) and loaded.is_contiguous()
-
-
-def varied(root: Path, pattern: str, dtype=np.uint8, high: int = 256) -> Path:
-    """Random pixels in the matching files (the fixtures' constant images would hide a mixed-up offset)."""
-    rng = np.random.default_rng(0)
-    for path in sorted(root.glob(pattern)):
-        with rasterio.open(path) as src:
-            shape = (src.count, src.height, src.width)
-        write_tif(path, rng.integers(0, high, shape, dtype=dtype))
-    return root
 
 
 @pytest.fixture(scope="module")

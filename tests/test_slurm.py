@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from downstream_fixtures import write_eurosat_rgb
 
 import eval_knn
 import run_with_submitit
 from datasets.demo import write_seco_demo
+from tests.downstream_fixtures import write_eurosat_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "tests" / "slurm" / "cluster.sh"

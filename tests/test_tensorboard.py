@@ -15,9 +15,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import eval_knn
 import main_dino_mc
 import utils
-from tests.test_engine import make_args, train_toy
-from tests.test_eval_knn import TINY, rgb_root  # noqa: F401 (a module fixture)
-from tests.test_main_dino_mc import seco_root, tiny_args  # noqa: F401 (a module fixture)
+from datasets.demo import write_seco_demo
+from tests.engine_toy import make_args, train_toy
+from tests.tiny_runs import TINY_KNN, tiny_args
+
+
+@pytest.fixture(scope="module")
+def seco_root(tmp_path_factory):
+    return write_seco_demo(tmp_path_factory.mktemp("seco") / "seco", n_locations=2, n_acquisitions=3, seed=1)
 
 
 def read_scalars(output_dir) -> dict[str, list[tuple[int, float]]]:
@@ -68,7 +73,7 @@ def test_engine_fit_resumed_after_a_kill_has_each_epoch_once(tmp_path):
         assert scalars[key] == [(line["epoch"], pytest.approx(line[key])) for line in log]
 
 
-def test_pretraining_writes_log_txt_scalars_and_resumes(seco_root, tmp_path):  # noqa: F811
+def test_pretraining_writes_log_txt_scalars_and_resumes(seco_root, tmp_path):
     main_dino_mc.run(tiny_args(seco_root, tmp_path, "--tensorboard", "true"))
     main_dino_mc.run(tiny_args(seco_root, tmp_path, "--tensorboard", "true", "--epochs", "2"))
     log = read_log(tmp_path)
@@ -79,9 +84,9 @@ def test_pretraining_writes_log_txt_scalars_and_resumes(seco_root, tmp_path):  #
     assert scalars["train_loss"] == [(line["epoch"], pytest.approx(line["train_loss"])) for line in log]
 
 
-def test_knn_writes_its_results(rgb_root, tmp_path):  # noqa: F811
+def test_knn_writes_its_results(rgb_root, tmp_path):
     eval_knn.run(
-        TINY
+        TINY_KNN
         + ["--pretrained_weights", "none", "--data_path", str(rgb_root), "--output_dir", str(tmp_path)]
         + ["--nb_knn", "1", "3", "--tensorboard", "true"]
     )

@@ -11,13 +11,13 @@ import json
 
 import pytest
 import torch
-from downstream_fixtures import write_eurosat_rgb
 
 import eval_knn
 import main_dino_mc
 import utils
 import vision_transformer as vits
 from datasets.demo import write_seco_demo
+from tests.downstream_fixtures import write_eurosat_rgb
 
 TIMM_ARCHS = ["timm/vit_tiny_patch16_224", "timm/resnet18", "timm/convnext_atto"]
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from downstream_fixtures import write_bigearthnet_lists, write_eurosat_ms, write_eurosat_split_files, write_oscd
 
 from datasets.bands import RESOLUTION_M, canonical_band
 from datasets.bigearthnet import BigEarthNet, class_names
@@ -17,6 +16,7 @@ from datasets.eurosat import EuroSAT
 from datasets.oscd import OSCD
 from datasets.oscd import normalize as oscd_normalize
 from datasets.seco import SeCoDataset
+from tests.downstream_fixtures import write_bigearthnet_lists, write_eurosat_ms, write_eurosat_split_files, write_oscd
 
 torchgeo_datasets = pytest.importorskip("torchgeo.datasets", reason="torchgeo is a development requirement")
 

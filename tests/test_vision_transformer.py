@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import published_vit
 import pytest
 import torch
 import torch.nn.functional as F
 
 import vision_transformer as vits
+from tests import published_vit
 
 LOCAL_SIZES = [184, 164, 144, 124, 104, 84]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from downstream_fixtures import write_eurosat_ms
 from PIL import Image
 
 import utils
 import visualize_attention
+from tests.downstream_fixtures import write_eurosat_ms
 
 HEADS = 3  # vit_tiny
 

@@ -1,0 +1,1 @@
+"""The test suite, a package: tests and their helpers import the helper modules as ``tests.<module>``."""
