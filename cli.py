@@ -40,6 +40,18 @@ def config_errors(context: str = "") -> Iterator[None]:
         raise ConfigError(f"{context}: {err}" if context else str(err)) from None
 
 
+def check_numbers(args: argparse.Namespace, positive: Iterable[str] = (), non_negative: Iterable[str] = ()) -> None:
+    """Refuse a zero or negative value of a ``positive`` flag and a negative one of a ``non_negative`` flag (a
+    list flag: any of its values), with one line naming the flag and its value (ConfigError)."""
+    for flags, low, expected in ((positive, 1e-300, "a positive number"), (non_negative, 0, "a number >= 0")):
+        for flag in flags:
+            value = getattr(args, flag)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(v is not None and v < low for v in values):
+                shown = " ".join(map(str, values))
+                raise ConfigError(f"--{flag} {shown}: expected {expected}")
+
+
 def one_line(err: BaseException) -> str:
     """The message of an error as one line, also when it was re-raised from a DataLoader worker.
 

@@ -80,12 +80,11 @@ def add_finetune_args(
 
 def check_finetune_args(args: argparse.Namespace) -> None:
     """Reject impossible values of the shared flags before any work starts (ConfigError names the flag)."""
-    if args.epochs < 1 or args.batch_size_per_gpu < 1:
-        raise utils.ConfigError("--epochs and --batch_size_per_gpu must be positive")
+    utils.check_numbers(
+        args, positive=("epochs", "batch_size_per_gpu", "print_freq"), non_negative=("lr", "num_workers")
+    )
     if not 0.0 < args.train_frac <= 1.0:
         raise utils.ConfigError(f"--train_frac must be in (0, 1], got {args.train_frac}")
-    if args.num_workers < 0:
-        raise utils.ConfigError(f"--num_workers must be >= 0, got {args.num_workers}")
 
 
 def setup(args: argparse.Namespace) -> str:
@@ -246,6 +245,9 @@ def train_one_epoch(
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
+COUNT_METRICS = ("confusion_matrix",)  # every other metric is a score in [0, 1], reported in percent
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, task: Task, loader: torch.utils.data.DataLoader, precision: str, args: argparse.Namespace
@@ -266,11 +268,13 @@ def evaluate(
         task.metrics.update(task.activation(logits.float()), targets.long())  # torchmetrics wants integer labels
         metric_logger.update(loss=loss.item())
     metric_logger.synchronize_between_processes()
-    results = {k: to_python(v) for k, v in task.metrics.compute().items()}
+    # Scores in percent, as DINO reports accuracy, in the console and in every JSON file; counts as they are.
+    results = {k: to_python(v if k in COUNT_METRICS else 100.0 * v) for k, v in task.metrics.compute().items()}
     results["loss"] = metric_logger.loss.global_avg if "loss" in metric_logger.meters else float("nan")
     if task.summarize is not None:
         results.update(task.summarize(results))
-    print("Evaluation:", "  ".join(f"{k} {v:.4f}" for k, v in scalars(results).items()))
+    scores = "  ".join(f"{k} {v:.2f}" for k, v in scalars(results).items() if k != "loss")
+    print(f"Evaluation (%): {scores}  (loss {results['loss']:.4f})")
     return results
 
 

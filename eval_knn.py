@@ -95,15 +95,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse inconsistent flags before any image is read (ConfigError: one line, exit code 2)."""
-    if min(args.nb_knn) < 1:
-        raise utils.ConfigError(f"--nb_knn {' '.join(map(str, args.nb_knn))}: every k must be >= 1")
-    if args.temperature <= 0:
-        raise utils.ConfigError(f"--temperature {args.temperature}: expected a positive number")
+    positive = ("nb_knn", "temperature", "batch_size_per_gpu", "chunk_size", "resize_size", "crop_size")
+    utils.check_numbers(args, positive, non_negative=("num_workers",))
     if args.resize_size is None:
         args.resize_size = eval_resize(args.crop_size)
-    for flag in ("batch_size_per_gpu", "chunk_size", "resize_size", "crop_size"):
-        if getattr(args, flag) < 1:
-            raise utils.ConfigError(f"--{flag} {getattr(args, flag)}: expected a positive number")
     if args.crop_size > args.resize_size:
         raise utils.ConfigError(f"--crop_size {args.crop_size} is larger than --resize_size {args.resize_size}")
     if args.load_features:

@@ -87,19 +87,18 @@ class LinearProbe(nn.Module):
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.n_last_blocks < 1:
-        raise utils.ConfigError(f"--n_last_blocks must be >= 1, got {args.n_last_blocks}")
+    utils.check_numbers(args, positive=("n_last_blocks",))
 
 
 def write_linear_json(result: dict, classes: list[str], output_dir: Path) -> Path:
     """``linear.json``: best and last accuracy and per-class accuracy, in percent (as knn.json)."""
     best, last = result["best"], result["last"]
     summary = {
-        "best_acc": 100 * best["metrics"]["acc"],
+        "best_acc": best["metrics"]["acc"],
         "best_epoch": best["epoch"],
-        "last_acc": 100 * last["metrics"]["acc"],
-        "per_class_acc": {c: 100 * a for c, a in zip(classes, last["metrics"]["per_class_acc"])},
-        "best_per_class_acc": {c: 100 * a for c, a in zip(classes, best["metrics"]["per_class_acc"])},
+        "last_acc": last["metrics"]["acc"],
+        "per_class_acc": dict(zip(classes, last["metrics"]["per_class_acc"])),
+        "best_per_class_acc": dict(zip(classes, best["metrics"]["per_class_acc"])),
     }
     path = output_dir / "linear.json"
     utils.write_json(path, summary)

@@ -98,10 +98,8 @@ def backbone_spec(args: argparse.Namespace, stored: dict[str, Any]) -> tuple[str
         raise utils.ConfigError(f"{args.checkpoint} stores no args: pass --arch (and --patch_size, --bands)")
     patch_size = args.patch_size or stored.get("patch_size") or 16
     bands = args.bands or stored.get("bands") or "RGB"
-    try:
+    with utils.config_errors("--bands"):
         return arch.replace("deit", "vit"), int(patch_size), parse_bands(bands)
-    except ValueError as err:
-        raise utils.ConfigError(f"--bands: {err}") from None
 
 
 def check_timm_keys(name: str, in_chans: int, state_dict: dict[str, torch.Tensor]) -> None:

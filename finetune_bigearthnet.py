@@ -32,7 +32,6 @@ from torchvision.transforms import v2
 
 import engine
 import utils
-from datasets import DataError
 from datasets.bands import is_rgb, parse_bands
 from datasets.bigearthnet import NUM_CLASSES, BigEarthNet, save_patch_list
 from datasets.transforms import BICUBIC, Normalize
@@ -100,7 +99,7 @@ def build_transforms(
 def build_datasets(args: argparse.Namespace) -> tuple[BigEarthNet, BigEarthNet, list[str]]:
     if args.data_path is None or not Path(args.data_path).is_dir():
         raise utils.ConfigError(f"--data_path {args.data_path} is not a folder (expected BigEarthNet-v1.0)")
-    try:
+    with utils.config_errors():
         bands = parse_bands(args.bands)
         train_tf, eval_tf = build_transforms(bands, args.input_size, args.flips, args.normalize)
         frac = args.train_frac if args.train_frac < 1.0 else None
@@ -112,10 +111,6 @@ def build_datasets(args: argparse.Namespace) -> tuple[BigEarthNet, BigEarthNet, 
             evaluation = BigEarthNet(
                 args.data_path, args.eval_split, bands, eval_tf, args.split_dir, num_classes=args.num_classes
             )
-    except DataError:
-        raise
-    except ValueError as err:
-        raise utils.ConfigError(str(err)) from None
     for warning in caught:
         print(f"WARNING: {warning.message}")
     if train.split_file is None:
@@ -162,8 +157,8 @@ def multilabel_task(eval_targets: torch.Tensor, names: tuple[str, ...]) -> engin
 def print_ap_table(metrics: dict) -> None:
     print(f"{'class':<90s} AP (%)")
     for name, ap in metrics["ap_per_class"].items():
-        print(f"{name:<90s} {'n/a (no positive patch)' if ap is None else f'{100 * ap:6.2f}'}")
-    print(f"mAP micro {100 * metrics['mAP_micro']:.2f}  macro {100 * metrics['mAP_macro']:.2f}")
+        print(f"{name:<90s} {'n/a (no positive patch)' if ap is None else f'{ap:6.2f}'}")
+    print(f"mAP micro {metrics['mAP_micro']:.2f}  macro {metrics['mAP_macro']:.2f}")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -193,7 +188,7 @@ def main(args: argparse.Namespace) -> dict:
     print_ap_table(result["last"]["metrics"])
     best = result["best"]
     print(
-        f"Best mAP micro {100 * best['metrics']['mAP_micro']:.2f} at epoch {best['epoch']} "
+        f"Best mAP micro {best['metrics']['mAP_micro']:.2f} at epoch {best['epoch']} "
         f"(selected on {result['best_selected_on']})"
     )
     return result

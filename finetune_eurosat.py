@@ -107,7 +107,7 @@ def classification_task(num_classes: int) -> engine.Task:
 def report(metrics: dict, classes: list[str], output_dir: Path, name: str) -> None:
     """Print per-class accuracy and write the confusion matrix PNG."""
     for cls, acc in zip(classes, metrics["per_class_acc"]):
-        print(f"  {cls:<24s} {100 * acc:6.2f}")
+        print(f"  {cls:<24s} {acc:6.2f}")
     path = engine.save_confusion_matrix_png(metrics["confusion_matrix"], classes, output_dir / name)
     print(f"Confusion matrix written to {path}")
 
@@ -160,8 +160,8 @@ def main(args: argparse.Namespace) -> dict:
         report(result["last"]["metrics"], classes, output_dir, "confusion_matrix.png")
         best = result["best"]
         print(
-            f"Best accuracy {100 * best['metrics']['acc']:.2f}% at epoch {best['epoch']}; "
-            f"last {100 * result['last']['metrics']['acc']:.2f}%"
+            f"Best accuracy {best['metrics']['acc']:.2f}% at epoch {best['epoch']}; "
+            f"last {result['last']['metrics']['acc']:.2f}%"
         )
     return result
 

@@ -31,7 +31,6 @@ from torchmetrics import classification as tmc
 import engine
 import segmentation
 import utils
-from datasets import DataError
 from datasets.bands import IMAGENET_MEAN, IMAGENET_STD, is_rgb, parse_bands
 from datasets.oscd import OSCD, split_cities, stitch_tiles
 from segmentation import SiameseUNet
@@ -130,9 +129,9 @@ class ChangeFraction(torchmetrics.Metric):
 
 
 def add_baseline(metrics: dict) -> dict:
-    """F1 of predicting change everywhere (precision = change fraction p, recall 1): 2p / (1 + p)."""
-    p = metrics["change_fraction"]
-    return {"all_change_f1": 2 * p / (1 + p)}
+    """F1 (%) of predicting change everywhere (precision = change fraction p, recall 1): 2p / (1 + p)."""
+    p = metrics["change_fraction"] / 100.0
+    return {"all_change_f1": 100.0 * 2 * p / (1 + p)}
 
 
 def change_task() -> engine.Task:
@@ -178,17 +177,13 @@ def build_datasets(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, 
         raise utils.ConfigError(f"--data_path {args.data_path} is not a folder (expected an OSCD root)")
     if args.tile_size < 32:
         raise utils.ConfigError(f"--tile_size {args.tile_size}: expected >= 32 (the encoder downsamples 32x)")
-    try:
+    with utils.config_errors():
         bands = parse_bands(args.bands)
         val_cities = held_out_cities(args)
         kept = [c for c in split_cities(args.data_path, "train")[0] if c not in val_cities]
         train = OSCD(args.data_path, "train", bands, tile_size=args.tile_size, augment=True, cities=kept)
         val = OSCD(args.data_path, "train", bands, tile_size=args.tile_size, cities=val_cities) if val_cities else None
         test = OSCD(args.data_path, "test", bands, tile_size=args.tile_size, augment=False)
-    except (DataError, utils.ConfigError):
-        raise
-    except ValueError as err:
-        raise utils.ConfigError(str(err)) from None
     unlisted = [dataset for dataset in (train, test) if dataset.list_file is None]
     if unlisted:
         print(
@@ -242,10 +237,8 @@ def main(args: argparse.Namespace) -> dict:
     backbone, _ = utils.load_backbone(
         args.arch, args.patch_size, bands, args.pretrained_weights, args.checkpoint_key, args.adapt_input
     )
-    try:
+    with utils.config_errors(f"--arch {args.arch}"):
         model = ChangeDetector(backbone, bands, freeze_encoder=not args.finetune_encoder).to(args.device)
-    except ValueError as err:
-        raise utils.ConfigError(f"--arch {args.arch}: {err}") from None
     task = change_task()
     eval_loader = engine.make_loader(test_set, args, train=False)
 
@@ -280,8 +273,8 @@ def main(args: argparse.Namespace) -> dict:
         save_change_maps(model, test_set, args, precision)
         final = result["metrics"] if args.evaluate is not None else result["last"]["metrics"]
         print(
-            f"Change class: precision {final['precision']:.4f} recall {final['recall']:.4f} F1 {final['f1']:.4f} "
-            f"IoU {final['iou']:.4f} (all-change baseline F1 {final['all_change_f1']:.4f})"
+            f"Change class (%): precision {final['precision']:.2f} recall {final['recall']:.2f} F1 {final['f1']:.2f} "
+            f"IoU {final['iou']:.2f} (all-change baseline F1 {final['all_change_f1']:.2f})"
         )
     return result
 

@@ -35,6 +35,10 @@ from datasets.seco_store import is_url
 from datasets.transforms import resolve_crop_args
 from preemption import PreemptionWatch, agree_on_step, stop_after_preemption
 
+POSITIVE_FLAGS = ("batch_size_per_gpu", "epochs", "out_dim", "print_freq", "knn_every", "knn_nb", "teacher_temp")
+NON_NEGATIVE_FLAGS = ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path_rate")
+NON_NEGATIVE_FLAGS += ("warmup_epochs", "freeze_last_layer", "num_workers", "saveckp_freq", "checkpoint_every_iters")
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DINO-MC", add_help=False)
@@ -238,14 +242,9 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--data_path {args.data_path} is not a folder (a SeCo-layout tree or a Zarr store)")
     args.bands = ",".join(parse_bands("RGB" if args.bands == "RGB_BANDS" else args.bands))
     utils.check_arch(args.arch, args.patch_size)  # fails early on an unknown --arch or ViT --patch_size
-    if args.batch_size_per_gpu < 1 or args.epochs < 1:
-        raise ValueError("--batch_size_per_gpu and --epochs must be positive")
+    utils.check_numbers(args, POSITIVE_FLAGS, NON_NEGATIVE_FLAGS)
     if args.knn_data_path is not None and not Path(args.knn_data_path).is_dir():
         raise ValueError(f"--knn_data_path {args.knn_data_path} is not a folder (expected a EuroSAT-layout root)")
-    if args.knn_every < 1:
-        raise ValueError(f"--knn_every must be >= 1, got {args.knn_every}")
-    if args.checkpoint_every_iters < 0:
-        raise ValueError(f"--checkpoint_every_iters must be >= 0 (0 = off), got {args.checkpoint_every_iters}")
     resolve_crop_args(args)
 
 
@@ -314,6 +313,11 @@ class DINOLoss(nn.Module):
         self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
 
 
+def uses_sync_batchnorm(model: nn.Module, args: argparse.Namespace) -> bool:
+    """SyncBatchNorm exists on CUDA only: a distributed CPU run keeps per-process BatchNorm statistics."""
+    return args.distributed and utils.has_batchnorms(model) and args.device.startswith("cuda")
+
+
 def build_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, nn.Module]:
     """Student (possibly DDP-wrapped), teacher, and the teacher without its DDP wrapper."""
     in_chans = len(args.bands.split(","))
@@ -331,8 +335,7 @@ def build_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, nn.Mod
 
     teacher_without_ddp = teacher
     device_ids = [args.gpu] if args.device.startswith("cuda") else None
-    # SyncBatchNorm exists on CUDA only: a distributed CPU run keeps per-process BatchNorm statistics
-    if args.distributed and utils.has_batchnorms(student) and args.device.startswith("cuda"):
+    if uses_sync_batchnorm(student, args):
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         # SyncBatchNorm only synchronises inside DDP, hence a DDP wrapper around the teacher too

@@ -122,7 +122,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     missing = [p for p in args.logs if not Path(p).is_file()]
     if missing:
-        raise utils.ConfigError(f"{missing[0]} does not exist (expected a log.txt written by main_dino_mc.py)")
+        what = "is a folder" if Path(missing[0]).is_dir() else "does not exist"
+        raise utils.ConfigError(f"{missing[0]} {what} (expected a log.txt written by main_dino_mc.py)")
     labels = args.labels or ([Path(p).parent.name for p in args.logs] if len(args.logs) > 1 else [""])
     if len(labels) != len(args.logs):
         raise utils.ConfigError(f"--labels: {len(labels)} labels for {len(args.logs)} logs")

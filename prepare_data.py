@@ -72,9 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     with utils.config_errors("--bands"):
         bands = parse_bands(args.bands)
-    for flag in ("workers", "shard_size", "print_every"):
-        if getattr(args, flag) < 1:
-            raise utils.ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    utils.check_numbers(args, positive=("workers", "shard_size", "print_every"))
     refuse_old_pack(args.data_path)
     if args.tile_size is None:
         tree = SeCoTree(args.data_path, bands)

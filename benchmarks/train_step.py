@@ -342,10 +342,8 @@ def main(args: argparse.Namespace) -> None:
         raise utils.ConfigError(f"--device {args.device}: torch sees no CUDA device on this machine")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    try:
+    with utils.config_errors():
         utils.build_backbone(args.arch, args.patch_size)
-    except ValueError as err:
-        raise utils.ConfigError(str(err)) from None
     print(json.dumps(run_steps(args)), flush=True)
 
 

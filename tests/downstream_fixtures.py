@@ -11,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import rasterio
 from PIL import Image
 from rasterio.transform import Affine
 
 from datasets.bands import RESOLUTION_M
 from datasets.eurosat import EUROSAT_MS_MEAN_STD, MS_FILE_BANDS, MS_SUBDIR, RGB_SUBDIR
 from datasets.oscd import ARCHIVE_IMAGES, ARCHIVE_LABELS, DINOMC_IMAGES, DINOMC_LABELS, band_file_name
+from tests.fixtures import write_tif
 
 # Bands of the OSCD rect folders, in the order of the archive (B01..B12 incl. B10, then B8A).
 OSCD_BANDS: tuple[str, ...] = MS_FILE_BANDS
@@ -35,20 +35,8 @@ OSCD_RAW_PREFIX = "S2A_OPER_MSI_L1C_TL_SGS__20160310T101544_A003752_T31UDQ_"
 
 def write_geotiff(path: Path, array: np.ndarray, resolution: float = 10.0) -> Path:
     """Write a (C, H, W) or (H, W) array as a georeferenced GeoTIFF in UTM 31N, in the array's dtype."""
-    array = array[None] if array.ndim == 2 else array
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profile = {
-        "driver": "GTiff",
-        "count": array.shape[0],
-        "height": array.shape[1],
-        "width": array.shape[2],
-        "dtype": array.dtype.name,
-        "crs": "EPSG:32631",
-        "transform": Affine(resolution, 0.0, 400000.0, 0.0, -resolution, 5400000.0),
-    }
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(array)
-    return path
+    transform = Affine(resolution, 0.0, 400000.0, 0.0, -resolution, 5400000.0)
+    return write_tif(path, array, crs="EPSG:32631", transform=transform)
 
 
 def class_colour(index: int) -> tuple[int, int, int]:

@@ -33,8 +33,17 @@ def acquisition_id(acquisition: int) -> str:
     return f"2019{month:02d}03T154559_2019{month:02d}03T154611_T18QVG"
 
 
-def write_tif(path: Path, array: np.ndarray, compress: str | None = None) -> Path:
-    """Write a (C, H, W) or (H, W) array as a GeoTIFF with a UTM CRS (like the real files)."""
+UTM_TRANSFORM = Affine(10, 0, 300_000, 0, -10, 2_000_000)  # 10 m pixels in UTM 18N, as the SeCo files
+
+
+def write_tif(
+    path: Path,
+    array: np.ndarray,
+    compress: str | None = None,
+    crs: str = "EPSG:32618",
+    transform: Affine = UTM_TRANSFORM,
+) -> Path:
+    """Write a (C, H, W) or (H, W) array as a GeoTIFF with a UTM CRS (like the real files), in its dtype."""
     array = array[None] if array.ndim == 2 else array
     profile = {
         "driver": "GTiff",
@@ -42,8 +51,8 @@ def write_tif(path: Path, array: np.ndarray, compress: str | None = None) -> Pat
         "height": array.shape[1],
         "width": array.shape[2],
         "dtype": array.dtype.name,
-        "crs": "EPSG:32618",
-        "transform": Affine(10, 0, 300_000, 0, -10, 2_000_000),
+        "crs": crs,
+        "transform": transform,
     }
     if compress:
         profile["compress"] = compress

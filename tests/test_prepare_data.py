@@ -169,8 +169,8 @@ def test_an_output_path_holding_something_else_is_refused(tree, tmp_path, capsys
         ("--shard_range", "3", "--shard_range must be I:J"),
         ("--shard_range", "3:2", "expected 0 <= I < J"),
         ("--shard_range", "7:9", "the store has 5 shards (0 to 4)"),
-        ("--workers", "0", "--workers must be >= 1"),
-        ("--shard_size", "0", "--shard_size must be >= 1"),
+        ("--workers", "0", "--workers 0: expected a positive number"),
+        ("--shard_size", "0", "--shard_size 0: expected a positive number"),
         ("--bands", "B4,B13", "--bands"),
     ],
 )

@@ -296,7 +296,7 @@ def test_preemption_hands_the_signal_to_the_previous_handler(seco_root, tmp_path
 def test_checkpoint_every_iters_must_not_be_negative(seco_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main_dino_mc.run(tiny_args(seco_root, tmp_path, "--checkpoint_every_iters", "-1"))
-    assert exc.value.code == 2 and "--checkpoint_every_iters must be >= 0" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--checkpoint_every_iters -1: expected a number >= 0" in capsys.readouterr().err
 
 
 def test_signal_to_one_rank_stops_both_at_the_same_iteration(seco_root, tmp_path):
