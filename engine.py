@@ -331,9 +331,7 @@ def fit(
     )
     start_epoch = state["epoch"]
     log_path = output_dir / "log.txt"
-    if utils.is_main_process():
-        utils.trim_json_log(log_path, start_epoch)
-    tensorboard = utils.TensorBoardLog(output_dir, args.tensorboard, start_epoch)
+    tensorboard = utils.resume_logs(output_dir, args.tensorboard, start_epoch)
     if start_epoch >= args.epochs:
         print(f"The checkpoint in {output_dir} already finished {start_epoch} epochs; nothing to train.")
 

@@ -239,6 +239,14 @@ class TensorBoardLog:
             self.writer = None
 
 
+def resume_logs(output_dir: str | Path, tensorboard: bool, start_epoch: int) -> TensorBoardLog:
+    """The logs of a run that (re)starts at ``start_epoch``: ``log.txt`` trimmed to the epochs before it (rank 0),
+    and the TensorBoard writer, which drops the events of later epochs too."""
+    if is_main_process():
+        trim_json_log(Path(output_dir) / "log.txt", start_epoch)
+    return TensorBoardLog(output_dir, tensorboard, start_epoch)
+
+
 def _scalar_items(stats: dict, prefix: str = "") -> Iterator[tuple[str, float]]:
     for key, value in stats.items():
         if key == "epoch":

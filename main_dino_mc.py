@@ -405,38 +405,20 @@ def main(args: argparse.Namespace) -> None:
 
     # ============ resume ============
     to_restore = {"epoch": 0, "iteration": 0, "meters": {}, "rng_state": None, "args": {}}
-    utils.restart_from_checkpoint(
-        output_dir / "checkpoint.pth",
-        run_variables=to_restore,
-        student=student,
-        teacher=teacher,
-        optimizer=optimizer,
-        fp16_scaler=fp16_scaler,
-        dino_loss=dino_loss,
-    )
+    stateful = {"student": student, "teacher": teacher, "optimizer": optimizer, "dino_loss": dino_loss}
+    stateful |= {"fp16_scaler": fp16_scaler} if fp16_scaler is not None else {}
+    utils.restart_from_checkpoint(output_dir / "checkpoint.pth", run_variables=to_restore, **stateful)
     start_epoch, start_iteration = to_restore["epoch"], utils.resume_iteration(to_restore, args, niter)
-    if utils.is_main_process():
-        utils.trim_json_log(output_dir / "log.txt", start_epoch)
-    tensorboard = utils.TensorBoardLog(output_dir, args.tensorboard, start_epoch)
+    tensorboard = utils.resume_logs(output_dir, args.tensorboard, start_epoch)
     if to_restore["rng_state"] is not None:
         utils.restore_rng_state(to_restore["rng_state"], args.seed, start_epoch, args.device)
 
     def save(epoch: int, iteration: int, meters: dict) -> dict:
         """checkpoint.pth to resume from at ``iteration`` of ``epoch`` (0: the epoch's start), with the epoch's
         running averages so far; every rank calls it, since the RNG states are gathered."""
-        save_dict = {
-            "student": student.state_dict(),
-            "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "iteration": iteration,
-            "meters": meters,
-            "args": utils.plain_args(args),
-            "dino_loss": dino_loss.state_dict(),
-            "rng_state": utils.gather_rng_states(args.device),
-        }
-        if fp16_scaler is not None:
-            save_dict["fp16_scaler"] = fp16_scaler.state_dict()
+        save_dict = {name: value.state_dict() for name, value in stateful.items()}
+        save_dict |= {"epoch": epoch, "iteration": iteration, "meters": meters, "args": utils.plain_args(args)}
+        save_dict["rng_state"] = utils.gather_rng_states(args.device)
         utils.save_on_master(save_dict, output_dir / "checkpoint.pth")
         return save_dict
 

@@ -61,6 +61,7 @@ from logs import (
     TensorBoardLog,
     add_tensorboard_args,
     append_json_log,
+    resume_logs,
     trim_json_log,
 )
 from optim import (
@@ -199,6 +200,7 @@ __all__ = [
     "Progress",
     "add_tensorboard_args",
     "TensorBoardLog",
+    "resume_logs",
     "write_atomically",
     "write_json",
     "save_checkpoint",

@@ -64,7 +64,7 @@ COLOUR_FLOPS = 120
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("DINO-MC data-pipeline benchmark")
+    parser = argparse.ArgumentParser("DINO-MC data-pipeline benchmark", add_help=False)
     parser.add_argument("--data_path", default=None, help="SeCo-layout root; default: generate demo data.")
     parser.add_argument("--n_locations", default=8, type=int, help="Locations of the generated data.")
     parser.add_argument("--modes", nargs="+", default=["mc", "dino", "tp"], choices=["dino", "mc", "tp"])
@@ -319,7 +319,9 @@ def main(args: argparse.Namespace) -> None:
             timed_locations = args.samples + args.warmup
             with contextlib.redirect_stdout(sys.stderr):
                 store_path = Path(tmp) / f"store_{bands}.zarr"
-                store = store_first_locations(root, parse_bands(bands), timed_locations, store_path)
+                with utils.config_errors("--bands"):
+                    band_list = parse_bands(bands)
+                store = store_first_locations(root, band_list, timed_locations, store_path)
             for mode in args.modes:
                 for where in args.augment_on:
                     measured = measure if where == "workers" else measure_device
@@ -327,11 +329,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def run(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (ValueError, utils.ConfigError) as err:
-        utils.fail(utils.one_line(err))
+    utils.run_cli("DINO-MC data-pipeline benchmark", get_args_parser, main, argv)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ ATTENTION_FLOPS = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("DINO-MC training-step benchmark")
+    parser = argparse.ArgumentParser("DINO-MC training-step benchmark", add_help=False)
     utils.add_backbone_args(parser, arch="vit_small", patch_size=16)
     parser.add_argument("--data_mode", default="mc", choices=["dino", "mc", "tp"], help="Crop sizes and counts.")
     parser.add_argument("--global_crops_size", default=224, type=int, help="Side of the global crops.")
@@ -348,11 +348,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def run(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (ValueError, utils.ConfigError) as err:
-        utils.fail(utils.one_line(err))
+    utils.run_cli("DINO-MC training-step benchmark", get_args_parser, main, argv)
 
 
 if __name__ == "__main__":

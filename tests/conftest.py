@@ -12,10 +12,14 @@ import functools
 import http.server
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+from datasets.demo import write_seco_demo
+from tests.downstream_fixtures import write_eurosat_rgb
 
 # The helper modules' asserts report their operands, as the test modules' do.
 pytest.register_assert_rewrite("tests.fixtures", "tests.processes")
@@ -83,4 +87,36 @@ def rgb_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("eurosat_rgb")
     write_eurosat_rgb(root, {"AnnualCrop": 6, "Forest": 6, "River": 6, "SeaLake": 6}, size=32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def seco_demo(tmp_path_factory) -> Callable[..., Path]:
+    """``seco_demo(n_locations, n_acquisitions, seed)``: a generated SeCo tree, written once per session for each
+    set of arguments and shared by the modules that ask for the same one (do not modify it)."""
+    trees: dict[tuple, Path] = {}
+
+    def tree(n_locations: int = 2, n_acquisitions: int = 2, seed: int = 0) -> Path:
+        key = (n_locations, n_acquisitions, seed)
+        if key not in trees:
+            folder = tmp_path_factory.mktemp(f"seco_{n_locations}x{n_acquisitions}_seed{seed}") / "seco"
+            trees[key] = write_seco_demo(folder, n_locations=n_locations, n_acquisitions=n_acquisitions, seed=seed)
+        return trees[key]
+
+    return tree
+
+
+@pytest.fixture(scope="session")
+def eurosat_demo(tmp_path_factory) -> Callable[..., Path]:
+    """``eurosat_demo(per_class, classes)``: a 32 px flat-colour EuroSAT RGB archive, written once per session for
+    each set of arguments."""
+    roots: dict[tuple, Path] = {}
+
+    def root(per_class: int, classes: tuple[str, ...] = ("Forest", "River", "SeaLake")) -> Path:
+        key = (per_class, tuple(classes))
+        if key not in roots:
+            roots[key] = tmp_path_factory.mktemp("eurosat")
+            write_eurosat_rgb(roots[key], dict.fromkeys(classes, per_class), size=32)
+        return roots[key]
+
     return root

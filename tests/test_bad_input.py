@@ -25,7 +25,6 @@ import prepare_data
 import utils
 import vision_transformer as vits
 import visualize_attention
-from datasets.demo import write_seco_demo
 from tests.bigearthnet_samples import DATA as BIGEARTHNET_DATA
 from tests.bigearthnet_samples import ROOT as BIGEARTHNET_ROOT
 from tests.downstream_fixtures import write_oscd
@@ -36,7 +35,7 @@ SUPERVISED = ["--epochs", "1", "--num_workers", "0", "--device", "cpu", "--print
 
 
 @pytest.fixture(scope="module")
-def bad(tmp_path_factory, rgb_root) -> dict[str, Path]:
+def bad(tmp_path_factory, rgb_root, seco_demo) -> dict[str, Path]:
     """The inputs: files and folders a user could pass by mistake, and the data the scripts' valid runs need."""
     root = tmp_path_factory.mktemp("bad")
     paths = {"missing": root / "no_such_file.pth", "folder": root / "a_folder", "empty": root / "empty_folder"}
@@ -67,7 +66,7 @@ def bad(tmp_path_factory, rgb_root) -> dict[str, Path]:
     paths["finetune_run"].mkdir()
     classifier = {f"backbone.{k}": v for k, v in small.backbone.state_dict().items()}
     torch.save({"state_dict": classifier, "epoch": 1}, paths["finetune_run"] / "checkpoint.pth")
-    paths["seco"] = write_seco_demo(root / "seco", n_locations=2, n_acquisitions=2, seed=1)
+    paths["seco"] = seco_demo(2, 2, seed=1)
     paths["eurosat"] = rgb_root
     paths["oscd"] = write_oscd(root / "oscd", OSCD_CITIES, train=["aa"], test=["tt"]).parent
     paths["image"] = root / "image.png"

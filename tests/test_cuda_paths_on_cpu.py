@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +16,11 @@ import main_dino_mc
 import preemption
 import utils
 import vision_transformer as vits
-from datasets.demo import write_seco_demo
 
 
 @pytest.fixture(scope="module")
-def seco_root(tmp_path_factory):
-    return write_seco_demo(tmp_path_factory.mktemp("seco") / "seco", n_locations=4, n_acquisitions=2, seed=3)
+def seco_root(seco_demo) -> Path:
+    return seco_demo(4, 2, seed=3)
 
 
 def fp16_args(data_path, output_dir, epochs: int) -> list[str]:

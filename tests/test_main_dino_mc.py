@@ -13,15 +13,14 @@ import torch
 
 import main_dino_mc
 import prepare_data
-from datasets.demo import write_seco_demo
 from tests.tiny_runs import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def seco_root(tmp_path_factory) -> Path:
-    return write_seco_demo(tmp_path_factory.mktemp("seco") / "seco", n_locations=2, n_acquisitions=3, seed=1)
+def seco_root(seco_demo) -> Path:
+    return seco_demo(2, 3, seed=1)
 
 
 def read_log(output_dir: Path) -> list[dict]:

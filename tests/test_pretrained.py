@@ -53,39 +53,26 @@ def assert_same_backbone(model: torch.nn.Module, wrapper: utils.MultiCropWrapper
         assert torch.equal(loaded[key], value), key
 
 
-def our_checkpoint(path: Path, arch: str, patch_size: int = 16) -> tuple[utils.MultiCropWrapper, ...]:
-    """main_dino_mc's checkpoint.pth: DDP student (``module.``), teacher, args dict, loss center, RNG states."""
-    student, teacher = wrapped(arch, patch_size, 1), wrapped(arch, patch_size, 2)
-    torch.save(
-        {
-            "student": {f"module.{k}": v for k, v in student.state_dict().items()},
-            "teacher": teacher.state_dict(),
-            "optimizer": OPTIMIZER,
-            "epoch": 3,
-            "args": {"arch": arch, "patch_size": patch_size},
-            "dino_loss": {"center": torch.zeros(1, 8)},
-            "rng_state": [utils.get_rng_state()],
-        },
-        path,
-    )
+def dino_checkpoint(path: Path, student, teacher, **entries) -> tuple[utils.MultiCropWrapper, ...]:
+    """A pretraining checkpoint: the DDP student (``module.``), the teacher, the optimizer, the loss centre and
+    ``entries`` (epoch, args, ...)."""
+    student_state = {f"module.{k}": v for k, v in student.state_dict().items()}
+    common = {"optimizer": OPTIMIZER, "dino_loss": {"center": torch.zeros(1, 8)}}
+    torch.save({"student": student_state, "teacher": teacher.state_dict(), **common, **entries}, path)
     return student, teacher
+
+
+def our_checkpoint(path: Path, arch: str, patch_size: int = 16) -> tuple[utils.MultiCropWrapper, ...]:
+    """main_dino_mc's checkpoint.pth: args as a dict, RNG states."""
+    args = {"arch": arch, "patch_size": patch_size}
+    student, teacher = wrapped(arch, patch_size, 1), wrapped(arch, patch_size, 2)
+    return dino_checkpoint(path, student, teacher, epoch=3, args=args, rng_state=[utils.get_rng_state()])
 
 
 def published_checkpoint(path: Path, arch: str, patch_size: int) -> tuple[utils.MultiCropWrapper, ...]:
     """The published DINO-MC format: argparse.Namespace args, ``module.backbone.`` student, ``backbone.`` teacher."""
-    student, teacher = wrapped(arch, patch_size, 3), wrapped(arch, patch_size, 4)
-    torch.save(
-        {
-            "student": {f"module.{k}": v for k, v in student.state_dict().items()},
-            "teacher": teacher.state_dict(),
-            "optimizer": OPTIMIZER,
-            "epoch": 100,
-            "args": argparse.Namespace(arch=arch, patch_size=patch_size, data_mode="mc", size_crops=[96, 84]),
-            "dino_loss": {"center": torch.zeros(1, 8)},
-        },
-        path,
-    )
-    return student, teacher
+    args = argparse.Namespace(arch=arch, patch_size=patch_size, data_mode="mc", size_crops=[96, 84])
+    return dino_checkpoint(path, wrapped(arch, patch_size, 3), wrapped(arch, patch_size, 4), epoch=100, args=args)
 
 
 def test_our_checkpoint_teacher_by_default_and_student_on_request(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,26 +12,22 @@ import eval_knn
 import main_dino_mc
 import plot_log
 import utils
-from datasets.demo import write_seco_demo
 from datasets.eurosat import EuroSAT
 from datasets.transforms import eval_transform
 from tests.by_hand import kl_by_hand
-from tests.downstream_fixtures import write_eurosat_rgb
 
 HEALTH_KEYS = {f"train_{k}" for k in ("teacher_entropy", "teacher_batch_entropy", "teacher_student_kl")}
 HEALTH_KEYS |= {"train_feature_std", "train_feature_dims", "train_prototypes_used", "train_momentum"}
 
 
 @pytest.fixture(scope="module")
-def seco_root(tmp_path_factory):
-    return write_seco_demo(tmp_path_factory.mktemp("seco") / "seco", n_locations=4, n_acquisitions=2, seed=1)
+def seco_root(seco_demo) -> Path:
+    return seco_demo(4, 2, seed=1)
 
 
 @pytest.fixture(scope="module")
-def eurosat_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eurosat")
-    write_eurosat_rgb(root, {"Forest": 6, "River": 6, "SeaLake": 6, "Highway": 6}, size=32)
-    return root
+def eurosat_root(eurosat_demo) -> Path:
+    return eurosat_demo(6, ("Forest", "River", "SeaLake", "Highway"))
 
 
 def pretrain(seco_root, out, *extra: str) -> list[str]:

@@ -8,6 +8,7 @@ saved in this project's own format. The Siamese U-Net is compared layer by layer
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import finetune_eurosat
 import finetune_oscd
 import utils
 from segmentation import SiameseUNet, from_published_state_dict
-from tests.downstream_fixtures import write_eurosat_rgb, write_oscd
+from tests.downstream_fixtures import write_oscd
 from tests.published_checkpoints import PublishedUNet, write_published_eurosat, write_published_oscd
 
 
@@ -91,10 +92,8 @@ def test_oscd_evaluate_accepts_the_published_lightning_checkpoint(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def eurosat_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eurosat")
-    write_eurosat_rgb(root, {"Forest": 5, "River": 5, "SeaLake": 5}, size=32)
-    return root
+def eurosat_root(eurosat_demo) -> Path:
+    return eurosat_demo(5)
 
 
 def _published_classifier_state(model: engine.Classifier, arch: str) -> dict[str, torch.Tensor]:

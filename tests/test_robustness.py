@@ -27,7 +27,6 @@ import pretrained
 import runtime
 import utils
 from datasets import pretraining
-from datasets.demo import write_seco_demo
 from tests.engine_toy import make_args, train_toy
 from tests.processes import child_env, killed_at_rename, run_script
 
@@ -36,8 +35,8 @@ ITERS_PER_EPOCH = 4  # 8 locations, batch 2, one process
 
 
 @pytest.fixture(scope="module")
-def seco_root(tmp_path_factory) -> Path:
-    return write_seco_demo(tmp_path_factory.mktemp("seco") / "seco", n_locations=8, n_acquisitions=2, seed=2)
+def seco_root(seco_demo) -> Path:
+    return seco_demo(8, 2, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -454,15 +453,15 @@ def test_kill_at_best_checkpoint_write_keeps_best_and_checkpoint_consistent(tmp_
 FAKE_WEIGHTS = b"weights " * 1000
 
 
-def fake_download(url: str, dst: str, progress: bool = True) -> None:
-    """A stand-in for torch.hub.download_url_to_file that writes FAKE_WEIGHTS."""
+def fake_download(url: str, dst: Path) -> None:
+    """A stand-in for the URL download (pretrained._fetch_url) that writes FAKE_WEIGHTS."""
     Path(dst).write_bytes(FAKE_WEIGHTS)
 
 
 FAKE_DOWNLOAD = f"""
-import sys, torch.hub
-import utils
-torch.hub.download_url_to_file = lambda url, dst, progress=True: open(dst, "wb").write({FAKE_WEIGHTS!r})
+import sys
+import pretrained, utils
+pretrained._fetch_url = lambda url, dst: open(dst, "wb").write({FAKE_WEIGHTS!r})
 utils.resolve_weights_path("https://example.org/w.pth", sys.argv[1])
 """
 
@@ -471,7 +470,7 @@ def test_kill_at_download_rename_leaves_no_cached_file_and_the_next_run_download
     cache = tmp_path / "cache"
     killed_at_rename("-w.pth", FAKE_DOWNLOAD, str(cache))  # the cache's name: <digest of the URL>-w.pth
     assert [p.name.endswith(".partial") for p in cache.iterdir()] == [True]  # nothing looks like a download
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)  # the next run, in this process
+    monkeypatch.setattr(pretrained, "_fetch_url", fake_download)  # the next run, in this process
     cached = utils.resolve_weights_path("https://example.org/w.pth", cache)
     assert cached.parent == cache and cached.read_bytes() == FAKE_WEIGHTS
 

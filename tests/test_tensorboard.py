@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -15,14 +16,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import eval_knn
 import main_dino_mc
 import utils
-from datasets.demo import write_seco_demo
 from tests.engine_toy import make_args, train_toy
 from tests.tiny_runs import TINY_KNN, tiny_args
 
 
 @pytest.fixture(scope="module")
-def seco_root(tmp_path_factory):
-    return write_seco_demo(tmp_path_factory.mktemp("seco") / "seco", n_locations=2, n_acquisitions=3, seed=1)
+def seco_root(seco_demo) -> Path:
+    return seco_demo(2, 3, seed=1)
 
 
 def read_scalars(output_dir) -> dict[str, list[tuple[int, float]]]:

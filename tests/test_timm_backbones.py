@@ -8,6 +8,7 @@ evaluation loader must load.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,22 +17,18 @@ import eval_knn
 import main_dino_mc
 import utils
 import vision_transformer as vits
-from datasets.demo import write_seco_demo
-from tests.downstream_fixtures import write_eurosat_rgb
 
 TIMM_ARCHS = ["timm/vit_tiny_patch16_224", "timm/resnet18", "timm/convnext_atto"]
 
 
 @pytest.fixture(scope="module")
-def seco_root(tmp_path_factory):
-    return write_seco_demo(tmp_path_factory.mktemp("seco") / "seco", n_locations=2, n_acquisitions=2, seed=3)
+def seco_root(seco_demo) -> Path:
+    return seco_demo(2, 2, seed=3)
 
 
 @pytest.fixture(scope="module")
-def eurosat_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eurosat")
-    write_eurosat_rgb(root, {"Forest": 4, "River": 4, "SeaLake": 4}, size=32)
-    return root
+def eurosat_root(eurosat_demo) -> Path:
+    return eurosat_demo(4)
 
 
 def test_wrapper_keeps_a_pooling_head_and_removes_a_classifier():
