@@ -351,9 +351,11 @@ def fit(
         if is_best:
             state["best"] = state["last"]
         chosen = "last epoch: no selection" if not select_best else f"selected on {best_selected_on}"
+        done = epoch + 1 - start_epoch
+        eta = datetime.timedelta(seconds=int((time.time() - start_time) / done * (args.epochs - epoch - 1)))
         print(
-            f"Epoch {epoch}: {eval_split} {task.main_metric} {metrics[task.main_metric]:.4f} "
-            f"(best at epoch {state['best']['epoch']}, {chosen})"
+            f"Epoch {epoch}/{args.epochs}: {eval_split} {task.main_metric} {metrics[task.main_metric]:.2f} % "
+            f"(best at epoch {state['best']['epoch']}, {chosen}); run eta {eta}"
         )
 
         if utils.is_main_process():

@@ -65,7 +65,12 @@ SBATCH_REFUSALS = (
 
 def get_args_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: a prefix of one of the script's flags must reach the script, not match ours
-    parser = argparse.ArgumentParser("Submitit for DINO-MC", add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        "Submitit for DINO-MC",
+        add_help=False,
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("-h", "--help", action="store_true", help="Show the launcher's and the script's flags.")
     parser.add_argument(
         "--script", default="main_dino_mc", choices=SCRIPTS, help="Script to run; its flags are passed through."
@@ -402,7 +407,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except utils.ConfigError as err:
         utils.fail(str(err))
     script_parser = argparse.ArgumentParser(
-        f"run_with_submitit.py --script {args.script}", parents=[module.get_args_parser()]
+        f"run_with_submitit.py --script {args.script}",
+        parents=[module.get_args_parser()],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     if args.help:
         launcher_parser.print_help()

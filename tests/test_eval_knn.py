@@ -169,3 +169,22 @@ def test_torchrun_two_processes_give_the_single_process_features(rgb_root, tmp_p
         single, gathered = torch.load(tmp_path / "f1" / name), torch.load(tmp_path / "f2" / name)
         assert torch.allclose(single.float(), gathered.float(), atol=1e-5), name
     assert read_json(tmp_path / "two" / "knn.json") == read_json(tmp_path / "one" / "knn.json")
+
+
+def test_torchgeo_sentinel2_weights_evaluate_on_eurosat_ms_with_adapt_input_s2(tmp_path):
+    """A state dict as torchgeo ships its Sentinel-2 weights (a timm ViT over 13 L1C bands, timm key names) runs
+    in eval_knn.py on all 12 L2A bands: each band takes its own filters, B10 is dropped; features as timm's."""
+    import timm
+
+    torch.manual_seed(0)
+    timm_model = timm.create_model("vit_tiny_patch16_224", in_chans=13, num_classes=0).eval()
+    torch.save(timm_model.state_dict(), tmp_path / "sentinel2_all.pth")
+    root = tmp_path / "ms"
+    write_eurosat_ms(root, {"Forest": 5, "River": 5}, size=32)
+    common = ["--pretrained_weights", str(tmp_path / "sentinel2_all.pth"), "--data_path", str(root), "--bands", "ALL"]
+    common += ["--nb_knn", "1", "--dump_features", str(tmp_path / "features"), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):  # without the flag: one line that says which flag loads it
+        eval_knn.run(TINY_KNN + common)
+    eval_knn.run(TINY_KNN + common + ["--adapt_input", "s2"])
+    assert set(read_json(tmp_path / "out" / "knn.json")) == {"1"}
+    assert torch.load(tmp_path / "features" / "trainfeat.pth").shape[1] == timm_model.num_features
