@@ -6,7 +6,7 @@ Everything else is here, once:
 
 - plain process, torchrun or SLURM (``utils.init_distributed_mode``), CPU or CUDA, ``--precision``;
 - metrics accumulated over the WHOLE evaluation split with torchmetrics (exact, synchronised across
-  processes at ``compute()``), never averaged per batch (README: bugs fixed);
+  processes at ``compute()``), never averaged per batch (docs/differences.md);
 - ``output_dir/checkpoint.pth`` every epoch and ``checkpoint_best.pth`` on a new best, both atomic
   (``utils.save_checkpoint``), resumed from automatically; the random generators are re-seeded from
   ``--seed`` and the epoch at the start of every epoch, so a resumed run repeats the uninterrupted one;
@@ -42,7 +42,7 @@ def add_finetune_args(
     seed: int = 0,
     lr_scaled: bool = True,
 ) -> None:
-    """Flags every supervised script shares; the defaults are each protocol's (README).
+    """Flags every supervised script shares; the defaults are each protocol's (docs/evaluation.md).
 
     ``lr_scaled``: whether the script applies DINO's linear scaling rule (:func:`scaled_lr`) to ``--lr``.
     """
@@ -107,7 +107,7 @@ def scaled_lr(args: argparse.Namespace) -> float:
 
 
 def subset_indices(n: int, frac: float, seed: int) -> list[int]:
-    """``frac`` of ``range(n)`` drawn WITHOUT replacement from ``seed``, sorted (README: bugs fixed)."""
+    """``frac`` of ``range(n)`` drawn WITHOUT replacement from ``seed``, sorted (docs/differences.md)."""
     if frac >= 1.0:
         return list(range(n))
     count = max(1, round(frac * n))

@@ -5,7 +5,7 @@
 
 ``--data_mode`` picks the method: ``dino`` (2 global + N 96 px local crops), ``mc`` (DINO-MC: local crops of
 several sizes) or ``tp`` (DINO-TP: three acquisitions of a location as three teacher views). The training
-loop is DINO's; the flags keep the published names and defaults, with the published bugs fixed (README).
+loop is DINO's; the flags keep the published names and defaults, with the published bugs fixed (docs/differences.md).
 """
 
 from __future__ import annotations

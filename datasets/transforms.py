@@ -1,6 +1,6 @@
 """Multi-crop augmentation of DINO, DINO-MC and DINO-TP, on tensors of any number of bands.
 
-The crops, scales and probabilities per ``--data_mode`` follow the published code exactly (README):
+The crops, scales and probabilities per ``--data_mode`` follow the published code exactly (docs/pretraining.md):
 
 - ``dino``: 2 global crops (``global_size``, ``global_crops_scale``; DINO uses (0.4, 1)) + ``local_crops_number``
   local crops of 96 px (``local_crops_scale``); ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2;

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+from tests.conftest import SHARED_DATA
+
+DATA = SHARED_DATA
 ROOT = DATA / "bigearthnet-v1" / "BigEarthNet-v1.0"
 
 # 19-class indices worked out by hand from each patch's labels_metadata.json and the 43 -> 19 mapping.

@@ -49,22 +49,22 @@ def bad(tmp_path_factory, rgb_root, seco_demo) -> dict[str, Path]:
     torch.save({"teacher": tiny.state_dict(), "student": tiny.state_dict()}, good)
     paths["truncated"] = root / "truncated.pth"
     paths["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    small = utils.MultiCropWrapper(vits.vit_small(patch_size=16), vits.DINOHead(384, 256))
-    paths["other_arch"] = root / "vit_small.pth"
+    other = utils.MultiCropWrapper(utils.build_backbone("resnet18")[0], vits.DINOHead(512, 256))
+    paths["other_arch"] = root / "resnet18.pth"
     torch.save(
-        {"teacher": small.state_dict(), "student": small.state_dict(), "args": {"arch": "vit_small"}},
+        {"teacher": other.state_dict(), "student": other.state_dict(), "args": {"arch": "resnet18"}},
         paths["other_arch"],
     )
     # output folders that hold another architecture's run: a pretraining and a fine-tuning checkpoint.pth
     paths["pretrain_run"] = root / "pretrain_run"
     paths["pretrain_run"].mkdir()
     torch.save(
-        {"student": small.state_dict(), "teacher": small.state_dict(), "epoch": 1},
+        {"student": other.state_dict(), "teacher": other.state_dict(), "epoch": 1},
         paths["pretrain_run"] / "checkpoint.pth",
     )
     paths["finetune_run"] = root / "finetune_run"
     paths["finetune_run"].mkdir()
-    classifier = {f"backbone.{k}": v for k, v in small.backbone.state_dict().items()}
+    classifier = {f"backbone.{k}": v for k, v in other.backbone.state_dict().items()}
     torch.save({"state_dict": classifier, "epoch": 1}, paths["finetune_run"] / "checkpoint.pth")
     paths["seco"] = seco_demo(2, 2, seed=1)
     paths["eurosat"] = rgb_root

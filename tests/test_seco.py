@@ -15,6 +15,7 @@ from datasets import DataError
 from datasets.bands import RGB_BANDS, S2_BANDS, SECO_RGB_STRETCH, parse_bands
 from datasets.folder import read_image
 from datasets.seco import SeCoDataset
+from tests.conftest import SHARED_DATA
 from tests.fixtures import (
     SIZE_10M,
     acquisition_id,
@@ -26,7 +27,7 @@ from tests.fixtures import (
     write_tif,
 )
 
-REAL_SECO = Path(__file__).parents[1] / ".." / "shared" / "data" / "seco-layout-real"
+REAL_SECO = SHARED_DATA / "seco-layout-real"
 needs_real = pytest.mark.skipif(not REAL_SECO.is_dir(), reason=f"real sample data not found at {REAL_SECO}")
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 
