@@ -225,8 +225,11 @@ def load_checkpoint_safely(path: str | Path, mmap: bool = False) -> Any:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder; expected a checkpoint file")
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise ConfigError(f"cannot read checkpoint {path}: {one_line(err)}") from None
     if not head.startswith((ZIP_MAGIC, PICKLE_PROTOCOL)):
         raise ConfigError(f"{path} is not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)")
     try:

@@ -47,7 +47,7 @@ def check_numbers(args: argparse.Namespace, positive: Iterable[str] = (), non_ne
         for flag in flags:
             value = getattr(args, flag)
             values = value if isinstance(value, (list, tuple)) else [value]
-            if any(v is not None and v < low for v in values):
+            if any(v is not None and not v >= low for v in values):  # NaN fails too
                 shown = " ".join(map(str, values))
                 raise ConfigError(f"--{flag} {shown}: expected {expected}")
 

@@ -246,6 +246,23 @@ def train_one_epoch(
 
 
 COUNT_METRICS = ("confusion_matrix",)  # every other metric is a score in [0, 1], reported in percent
+SCORE_UNIT = "percent"  # recorded in the checkpoints: older ones hold fractions
+
+
+def fractions_to_percent(entry: dict | None) -> dict | None:
+    """A best / last entry of a checkpoint written with scores as fractions, its scores in percent."""
+    if entry is None:
+        return None
+
+    def scaled(key: str, value: Any) -> Any:
+        if key in COUNT_METRICS or key == "loss" or value is None:
+            return value
+        if isinstance(value, dict):
+            return {k: scaled(key, v) for k, v in value.items()}
+        return [scaled(key, v) for v in value] if isinstance(value, list) else 100.0 * value
+
+    metrics = ("metrics", "selection_metrics")
+    return {k: ({m: scaled(m, v) for m, v in value.items()} if k in metrics else value) for k, value in entry.items()}
 
 
 @torch.no_grad()
@@ -320,7 +337,7 @@ def fit(
         on_cuda = str(args.device).startswith("cuda")
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if on_cuda else None)
 
-    state = {"epoch": 0, "best": None, "last": None}
+    state = {"epoch": 0, "best": None, "last": None, "score_unit": "fraction"}  # checkpoints before percent
     utils.restart_from_checkpoint(
         output_dir / "checkpoint.pth",
         run_variables=state,
@@ -329,6 +346,8 @@ def fit(
         scheduler=scheduler,
         scaler=scaler,
     )
+    if state.pop("score_unit") != SCORE_UNIT:  # a run saved with scores as fractions continues in percent
+        state["best"], state["last"] = (fractions_to_percent(state[key]) for key in ("best", "last"))
     start_epoch = state["epoch"]
     log_path = output_dir / "log.txt"
     tensorboard = utils.resume_logs(output_dir, args.tensorboard, start_epoch)
@@ -373,6 +392,7 @@ def fit(
                 "best": state["best"],
                 "last": state["last"],
                 "args": utils.plain_args(args),
+                "score_unit": SCORE_UNIT,
             }
             if scaler is not None:
                 checkpoint["scaler"] = scaler.state_dict()

@@ -169,7 +169,7 @@ class Progress:
         if is_main_process() and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, desc=desc, dynamic_ncols=True)
+            self.bar = tqdm(total=self.total or None, desc=desc, dynamic_ncols=True)
 
     def __iter__(self) -> Iterator:
         for item in self.iterable:  # type: ignore[union-attr]
@@ -186,13 +186,12 @@ class Progress:
                 self.bar.set_postfix_str(info, refresh=False)
             self.bar.update(n)
         elif is_main_process() and self.count > 0 and (crossed or self.count == self.total):
-            elapsed = time.time() - self.start
-            eta = elapsed / self.count * max(self.total - self.count, 0)
-            print(
-                f"{self.desc} [{self.count}/{self.total}] eta: {datetime.timedelta(seconds=int(eta))} "
-                f"elapsed: {datetime.timedelta(seconds=int(elapsed))}{', ' + info if info else ''}",
-                flush=True,
-            )
+            elapsed = datetime.timedelta(seconds=int(time.time() - self.start))
+            counts = f"[{self.count}]"  # a total of 0 is unknown (a download without its size): no ETA
+            if self.total:
+                eta = (time.time() - self.start) / self.count * max(self.total - self.count, 0)
+                counts = f"[{self.count}/{self.total}] eta: {datetime.timedelta(seconds=int(eta))}"
+            print(f"{self.desc} {counts} elapsed: {elapsed}{', ' + info if info else ''}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

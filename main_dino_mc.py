@@ -243,6 +243,8 @@ def check_flags(args: argparse.Namespace) -> None:
     args.bands = ",".join(parse_bands("RGB" if args.bands == "RGB_BANDS" else args.bands))
     utils.check_arch(args.arch, args.patch_size)  # fails early on an unknown --arch or ViT --patch_size
     utils.check_numbers(args, POSITIVE_FLAGS, NON_NEGATIVE_FLAGS)
+    if args.adapt_input and not args.init_from:
+        raise ValueError(f"--adapt_input {args.adapt_input} adapts the weights of --init_from, which is not given")
     if args.knn_data_path is not None and not Path(args.knn_data_path).is_dir():
         raise ValueError(f"--knn_data_path {args.knn_data_path} is not a folder (expected a EuroSAT-layout root)")
     resolve_crop_args(args)

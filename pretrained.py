@@ -37,6 +37,8 @@ DRIVE_ID_PATTERNS = (
 )
 BARE_DRIVE_ID = re.compile(r"[\w-]{25,}")
 MIB = 2**20
+UNKNOWN_SIZE_PRINT_MIB = 64  # a download of unknown size reports every this many MiB
+HTML_START = (b"<!", b"<h", b"<H")  # what an error or quota page begins with, where weights were expected
 # --adapt_input: the input bands, in order, of weights trained on other bands than the run's: the published
 # RGB checkpoints, and Sentinel-2 weights over the 13 L1C bands (torchgeo's SENTINEL2_ALL_* weights).
 INPUT_BANDS: dict[str, tuple[str, ...]] = {"rgb": RGB_BANDS, "s2": S2_L1C_BANDS}
@@ -120,6 +122,9 @@ def _download_to(target: Path, download: Callable[[Path], None], source: str) ->
     print(f"Downloading {source} to {target}", flush=True)
     try:
         download(partial)
+        with open(partial, "rb") as f:
+            if f.read(2) in HTML_START:
+                raise OSError("the server sent a web page (an error or quota page?), not weights")
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
@@ -128,15 +133,20 @@ def _download_to(target: Path, download: Callable[[Path], None], source: str) ->
 def _fetch_url(url: str, dst: Path) -> None:
     """Stream ``url`` into ``dst`` in 1 MiB reads, with progress in MiB: a bar with an ETA on a terminal, a line
     per tenth of the file in a log."""
-    with urllib.request.urlopen(url, timeout=60) as response, open(dst, "wb") as f:
-        total = math.ceil(int(response.headers.get("Content-Length") or 0) / MIB)
-        progress = Progress(None, f"download {Path(urllib.parse.urlparse(url).path).name} (MiB)", total // 10, total)
+    request = urllib.request.Request(url, headers={"User-Agent": "dino-mc (torch.hub)"})
+    with urllib.request.urlopen(request, timeout=60) as response, open(dst, "wb") as f:
+        size = int(response.headers.get("Content-Length") or 0)
+        total = math.ceil(size / MIB)
+        name = Path(urllib.parse.urlparse(url).path).name
+        progress = Progress(None, f"download {name} (MiB)", total // 10 if total else UNKNOWN_SIZE_PRINT_MIB, total)
         written = 0
         while chunk := response.read(MIB):
             f.write(chunk)
             before, written = written, written + len(chunk)
             progress.update(math.ceil(written / MIB) - math.ceil(before / MIB))
         progress.close()
+    if size and written != size:  # a connection cut short ends the stream early instead of raising
+        raise OSError(f"the server announced {size} bytes, {written} arrived")
 
 
 def resolve_weights_path(spec: str, cache: str | Path | None = None, flag: str = "--pretrained_weights") -> Path:
@@ -260,7 +270,7 @@ def adapt_input_conv(
     weight = state_dict[stem]
     if list(bands) == list(source):
         return
-    adapted = timm_adapt_input_conv(len(bands), weight, base_chans=len(source)) if len(source) == 3 else None
+    adapted = timm_adapt_input_conv(len(bands), weight) if len(source) == 3 else None
     columns = []
     for i, band in enumerate(bands):
         if band in source:

@@ -141,6 +141,7 @@ CASES += [
     ("main_dino_mc", "resume another arch", ["--output_dir", "{pretrain_run}"], "error: cannot resume from"),
     ("finetune_eurosat", "resume another arch", ["--output_dir", "{finetune_run}"], "error: cannot resume from"),
     ("eval_linear", "resume another arch", ["--output_dir", "{finetune_run}"], "error: cannot resume from"),
+    ("main_dino_mc", "--adapt_input without --init_from", ["--adapt_input", "rgb"], "error: --adapt_input rgb adapts"),
     ("main_dino_mc", "zero epochs", ["--epochs", "0"], "error: --epochs 0: expected a positive number"),
     ("main_dino_mc", "negative batch", ["--batch_size_per_gpu", "-2"], "error: --batch_size_per_gpu -2: expected"),
     ("main_dino_mc", "negative learning rate", ["--lr", "-0.1"], "error: --lr -0.1: expected a number >= 0"),

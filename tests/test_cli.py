@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 import utils
@@ -28,3 +30,12 @@ def test_config_errors_turns_a_value_error_into_one_config_line_and_lets_data_er
     with pytest.raises(KeyError):  # not a configuration problem: a bug, left as it is
         with utils.config_errors():
             raise KeyError("x")
+
+
+def test_check_numbers_names_the_flag_and_refuses_nan():
+    args = argparse.Namespace(lr=float("nan"), epochs=3, nb_knn=[10, 0], workers=None)
+    utils.check_numbers(args, positive=("epochs", "workers"))  # None: not given, nothing to check
+    with pytest.raises(utils.ConfigError, match=r"^--lr nan: expected a number >= 0$"):
+        utils.check_numbers(args, non_negative=("lr",))
+    with pytest.raises(utils.ConfigError, match=r"^--nb_knn 10 0: expected a positive number$"):
+        utils.check_numbers(args, positive=("nb_knn",))

@@ -98,3 +98,17 @@ def test_train_split_smaller_than_a_batch_gets_its_size_as_the_batch_with_one_wa
     assert capsys.readouterr().err.count("warning: --batch_size_per_gpu") == 1
     with pytest.raises(utils.ConfigError, match="fewer than one batch"):  # nothing to train on at all
         engine.make_loader(torch.utils.data.Subset(data, []), args, train=True)
+
+
+def test_a_run_saved_with_fractions_resumes_in_percent(tmp_path):
+    """Checkpoints written before scores were percent hold fractions: a resumed run converts them, so that the
+    best epoch is still chosen by comparing like with like (unconverted, 1.0 would lose to any later epoch)."""
+    train_toy(make_args(tmp_path, epochs=1))
+    checkpoint = torch.load(tmp_path / "checkpoint.pth")
+    del checkpoint["score_unit"]
+    for key in ("best", "last"):
+        checkpoint[key]["metrics"]["acc"] = 1.0  # all right, as a fraction
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    _, resumed = train_toy(make_args(tmp_path, epochs=2))
+    assert resumed["best"]["epoch"] == 0 and resumed["best"]["metrics"]["acc"] == 100.0
+    assert torch.load(tmp_path / "checkpoint.pth")["score_unit"] == "percent"

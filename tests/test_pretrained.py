@@ -337,3 +337,11 @@ def test_sentinel2_weights_in_torchgeo_format_load_with_b10_dropped(tmp_path):
         with_b10[:, S2_L1C_BANDS.index(band)] = image[:, i]
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(image), timm_model(with_b10), rtol=1e-4, atol=1e-4)
+
+
+def test_a_web_page_served_in_place_of_weights_is_not_cached(tmp_path, http_root):
+    served, base, _ = http_root
+    (served / "w.pth").write_text("<!DOCTYPE html><html><body>Quota exceeded</body></html>")
+    with pytest.raises(utils.ConfigError, match="download failed: the server sent a web page"):
+        utils.resolve_weights_path(f"{base}/w.pth", tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".partial")]
