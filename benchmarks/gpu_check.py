@@ -69,7 +69,7 @@ SETTINGS = {
         "out_dim": 1024,
         "crops": ["--global_crops_size", "32", "--size_crops", *["16"] * 6],
         "patch_sizes": (16, 8),
-        "batches": (1, 2),
+        "batches": (2,),
         "steps": ["--steps", "1", "--warmup", "0"],
         "compare_batch": 2,
         "locations": 4,

@@ -23,7 +23,7 @@ def test_gpu_check_runs_every_check_on_the_cpu(tmp_path):
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [json.loads(line) for line in output.read_text().splitlines()] == lines
     checks = [line["check"] for line in lines]
-    assert checks == ["environment", "cuda_vs_cpu", "precision", "precision", "resume"] + ["throughput"] * 8 + [
+    assert checks == ["environment", "cuda_vs_cpu", "precision", "precision", "resume"] + ["throughput"] * 4 + [
         "loader",
         "loader",
         "torchrun",
@@ -34,12 +34,12 @@ def test_gpu_check_runs_every_check_on_the_cpu(tmp_path):
     assert by_check["cuda_vs_cpu"]["loss_rel_diff"] == 0.0 and by_check["resume"]["max_teacher_diff"] == 0.0
     assert by_check["resume"]["killed_returncode"] == -9
     assert {line["precision"] for line in lines if line["check"] == "precision"} == {"bf16", "fp16"}
-    configurations = {(r["patch_size"], r["batch_size_per_gpu"], r["precision"]) for r in lines[5:13]}
-    assert configurations == {(p, b, q) for p in (16, 8) for b in (1, 2) for q in ("bf16", "fp16")}
-    assert all(r["imgs_per_s"] > 0 and r["gflop_per_step"] > 0 for r in lines[5:13])
+    configurations = {(r["patch_size"], r["batch_size_per_gpu"], r["precision"]) for r in lines[5:9]}
+    assert configurations == {(p, 2, q) for p in (16, 8) for q in ("bf16", "fp16")}
+    assert all(r["imgs_per_s"] > 0 and r["gflop_per_step"] > 0 for r in lines[5:9])
     loaders = [line for line in lines if line["check"] == "loader"]
     assert [line["augment_on"] for line in loaders] == ["workers", "device"]
-    assert all(line["step_imgs_per_s"] == lines[7]["imgs_per_s"] for line in loaders)  # ViT/16, larger batch, bf16
+    assert all(line["step_imgs_per_s"] == lines[5]["imgs_per_s"] for line in loaders)  # ViT/16, larger batch, bf16
     assert loaders[1]["device_augment_ms_per_batch"] > 0 and "device_augment_ms_per_batch" not in loaders[0]
     assert (by_check["torchrun"]["world_size"], by_check["torchrun"]["backend"]) == (2, "gloo")
 
