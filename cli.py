@@ -43,11 +43,12 @@ def config_errors(context: str = "") -> Iterator[None]:
 def check_numbers(args: argparse.Namespace, positive: Iterable[str] = (), non_negative: Iterable[str] = ()) -> None:
     """Refuse a zero or negative value of a ``positive`` flag and a negative one of a ``non_negative`` flag (a
     list flag: any of its values), with one line naming the flag and its value (ConfigError)."""
-    for flags, low, expected in ((positive, 1e-300, "a positive number"), (non_negative, 0, "a number >= 0")):
+    rules = ((positive, lambda v: v > 0, "a positive number"), (non_negative, lambda v: v >= 0, "a number >= 0"))
+    for flags, holds, expected in rules:
         for flag in flags:
             value = getattr(args, flag)
             values = value if isinstance(value, (list, tuple)) else [value]
-            if any(v is not None and not v >= low for v in values):  # NaN fails too
+            if any(v is not None and not holds(v) for v in values):  # NaN holds no comparison: refused too
                 shown = " ".join(map(str, values))
                 raise ConfigError(f"--{flag} {shown}: expected {expected}")
 

@@ -369,17 +369,15 @@ def main(args: argparse.Namespace) -> None:
     note = health.small_batch_advice(total_batch, args.momentum_teacher, args.local_crops_number)
     if note:
         print(note)
+    bands = args.bands.split(",")  # canonical names, as check_args left them
     knn_sets = None
     if args.knn_data_path:
         with utils.config_errors("--knn_data_path"):
-            knn_sets = eval_knn.knn_splits(
-                args.knn_data_path, parse_bands(args.bands), args.global_crops_size, seed=args.seed
-            )
+            knn_sets = eval_knn.knn_splits(args.knn_data_path, bands, args.global_crops_size, seed=args.seed)
         args.knn_nb = eval_knn.clamp_nb_knn(args.knn_nb, len(knn_sets[0]), "--knn_nb")
     student, teacher, teacher_without_ddp = build_models(args)
     student_without_ddp = student.module if args.distributed else student
     if args.init_from and not (output_dir / "checkpoint.pth").is_file():  # a resumed run continues its own
-        bands = parse_bands(args.bands)
         utils.init_from_checkpoint(args.init_from, student_without_ddp, teacher_without_ddp, bands, args.adapt_input)
     ncrops = args.global_crops_number + args.local_crops_number
     dino_loss = DINOLoss(
